@@ -1,0 +1,52 @@
+# Every target that needs Python creates the virtual environment first, so `make train` and
+# `make test` each work as the first and only command on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel by default; on a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+# make train MODEL=llama2-7b NOISE=0.4 LOSS=dpo ROUNDS=3 RHO=0.2 OUT=runs/x ARGS="key=value ..."
+MODEL ?=
+NOISE ?=
+LOSS ?=
+ROUNDS ?=
+RHO ?=
+OUT ?=
+CONFIG ?=
+ARGS ?=
+TRAIN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),model=$(MODEL)) \
+	$(if $(NOISE),noise=$(NOISE)) $(if $(LOSS),loss=$(LOSS)) $(if $(ROUNDS),rounds=$(ROUNDS)) \
+	$(if $(RHO),rho=$(RHO)) $(if $(OUT),out=$(OUT)) $(ARGS)
+
+.PHONY: install test train bench lint format clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+train: install
+	$(BIN)/ropo train $(TRAIN_ARGS)
+
+bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/bench_step.py
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

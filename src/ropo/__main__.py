@@ -1,0 +1,3 @@
+from ropo.cli import main
+
+raise SystemExit(main())
