@@ -1,0 +1,159 @@
+"""What a run leaves behind for people and other tools to read.
+
+After each round: one line per pair in `<out>/pairs.jsonl` (log-probs, margin, loss, weight, kept,
+flipped), one summary line in `<out>/metrics.jsonl`, and the cleaned dataset (kept pairs) as JSONL.
+At the start: `<out>/run.json` with the resolved config, package versions, git revision and data
+fingerprint, so every output describes how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ropo.data import PreferencePair, write_pairs_jsonl
+from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
+from ropo.filter.weights import DropDecision
+from ropo.logps import PairLogps
+
+
+def write_run_info(out: Path, resolved_config: dict[str, Any], data_fingerprint: str,
+                   data_report: str) -> None:
+    """Write `<out>/run.json`: config, versions, git revision, data fingerprint and counts."""
+    versions = {}
+    for package in ("ropo", "torch", "sentencepiece", "safetensors", "numpy", "pyyaml", "tqdm"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    info = {
+        "config": resolved_config,
+        "versions": {"python": sys.version.split()[0], "platform": platform.platform(),
+                     **versions},
+        "git_revision": _git_revision(),
+        "data_fingerprint": data_fingerprint,
+        "data_report": data_report,
+        "command": sys.argv,
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=1))
+
+
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def pair_records(round_idx: int, ids: Sequence[str], policy: PairLogps, reference: PairLogps,
+                 losses: Tensor, decision: DropDecision, beta: float,
+                 flips: Mapping[str, bool] | None) -> list[dict[str, Any]]:
+    """One audit record per pair (the fields documented in the README)."""
+    margins = _margins(policy, reference)
+    weights = decision.weights.tolist()
+    records = []
+    for i, pair_id in enumerate(ids):
+        records.append({
+            "id": pair_id,
+            "round": round_idx,
+            "policy_chosen_logp": policy.chosen[i].item(),
+            "policy_rejected_logp": policy.rejected[i].item(),
+            "ref_chosen_logp": reference.chosen[i].item(),
+            "ref_rejected_logp": reference.rejected[i].item(),
+            "margin": margins[i].item(),
+            "reward_margin": beta * margins[i].item(),
+            "loss": losses[i].item(),
+            "weight": weights[i],
+            "kept": weights[i] > 0,
+            "flipped": None if flips is None else bool(flips[pair_id]),
+        })
+    return records
+
+
+def round_metrics(round_idx: int, records: Sequence[dict[str, Any]], decision: DropDecision,
+                  flips: Mapping[str, bool] | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Summary of one round: losses, reward accuracy and, when flips are known, detection quality.
+
+    reward accuracy = share of pairs whose policy-vs-reference margin is strictly positive.
+    """
+    losses = torch.tensor([r["loss"] for r in records])
+    margins = torch.tensor([r["margin"] for r in records])
+    kept = torch.tensor([r["kept"] for r in records])
+    summary: dict[str, Any] = {
+        "round": round_idx,
+        "n_pairs": len(records),
+        "n_kept": decision.n_keep,
+        "n_dropped": len(records) - decision.n_keep,
+        "loss_mean": losses.mean().item(),
+        "loss_kept_mean": _mean(losses[kept]),
+        "loss_dropped_mean": _mean(losses[~kept]),
+        "margin_mean": margins.mean().item(),
+        "reward_accuracy": reward_accuracy(margins),
+        **extra,
+    }
+    if flips is not None:
+        flipped = torch.tensor([flips[r["id"]] for r in records])
+        precision, recall = drop_precision_recall(decision.dropped_ids, flips)
+        summary.update({
+            "n_flipped": int(flipped.sum()),
+            "drop_precision": precision,
+            "drop_recall": recall,
+            "loss_auroc_flipped": auroc(losses.tolist(), flipped.tolist()),
+            "reward_accuracy_clean": reward_accuracy(margins[~flipped]),
+            "reward_accuracy_flipped": reward_accuracy(margins[flipped]),
+        })
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
+def append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Keep only the lines for which `keep` holds (a resumed run rewrites the rest, never twice)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One terminal line per round."""
+    shown = ["n_kept", "loss_mean", "reward_accuracy", "drop_precision", "drop_recall",
+             "loss_auroc_flipped"]
+    parts = [f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics]
+    return f"round {metrics['round'] + 1}: " + " ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def export_cleaned(path: Path, pairs: Sequence[PreferencePair], kept_ids: Sequence[str]) -> None:
+    """The kept pairs as plain JSONL (prompt/chosen/rejected/id): input for any DPO trainer."""
+    kept = set(kept_ids)
+    write_pairs_jsonl([p for p in pairs if p.id in kept], path)
+
+
+def _margins(policy: PairLogps, reference: PairLogps) -> Tensor:
+    return (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+
+
+def _mean(values: Tensor) -> float:
+    return values.mean().item() if values.numel() else float("nan")

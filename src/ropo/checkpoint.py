@@ -1,0 +1,147 @@
+"""Checkpoints that survive crashes: model in HF layout plus everything needed to resume exactly.
+
+A checkpoint directory holds the policy (`save_model`: config.json + safetensors), the AdamW state
+(`optimizer.safetensors`), the loop counters and run state (`state.json`), and a `manifest.json`
+with the sha256 of every file. It is written under a temporary name, fsynced and renamed; the
+`LATEST` pointer is replaced last. A directory without a manifest, or whose files do not match
+it, is never loaded as if complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ropo.models.llama import Transformer
+from ropo.models.load import load_model, save_model
+
+MANIFEST = "manifest.json"
+
+
+def save_checkpoint(run_dir: Path, name: str, model: Transformer,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    keep_last: int = 2) -> Path:
+    """Write checkpoint `name` under run_dir/checkpoints atomically and point LATEST at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    tensors, groups = _flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {name: _sha256(tmp / name) for name in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_dir_files(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(root / "LATEST", name)
+    _prune(root, keep=keep_last, current=name)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint LATEST points at, verified against its manifest; None when there is none."""
+    pointer = run_dir / "checkpoints" / "LATEST"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    verify_checkpoint(path)
+    return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ValueError unless every file listed in the manifest exists with its checksum."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"checkpoint {path} has no {MANIFEST}: it was not written completely")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.items():
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise ValueError(f"checkpoint {path}: {name} is missing or does not match its "
+                             f"checksum; the checkpoint is damaged")
+
+
+def load_checkpoint(path: Path, optimizer_for: Any, dtype: torch.dtype | None,
+                    device: str | torch.device) -> tuple[Transformer, torch.optim.Optimizer,
+                                                         dict[str, Any]]:
+    """Model, optimizer (built by `optimizer_for(model)`, then restored) and state of `path`."""
+    verify_checkpoint(path)
+    model = load_model(path, dtype=dtype, device=device)
+    model.train()
+    optimizer = optimizer_for(model)
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("param_groups")))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return model, optimizer, state
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    full = optimizer.state_dict()
+    tensors = {}
+    for index, per_param in full["state"].items():
+        for key, value in per_param.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+    return tensors, full["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for flat_key, value in tensors.items():
+        index, key = flat_key.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
+    for old in done[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)

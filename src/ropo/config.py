@@ -1,0 +1,272 @@
+"""Run configuration: the first stage of the data flow.
+
+One frozen dataclass per concern, gathered into `RunConfig`. Values come from an optional YAML file
+(read with `yaml.safe_load`) and then from `key=value` overrides on the command line. Keys are flat
+(`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented below; anything
+else is an error that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str = _key("", "HF model directory (config.json, safetensors, tokenizer.model) or a "
+                          "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR")
+    dtype: str = _key("float32", "weights dtype: float32 | bfloat16 | float16")
+    device: str = _key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    activation_checkpointing: bool = _key(False, "recompute each block in backward to save memory")
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data: str = _key("", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR")
+    format: str = _key("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
+    template: str = _key("plain", "chat template for message lists: plain | llama2-chat | "
+                                  "mistral-instruct")
+    max_length: int = _key(512, "prompt + response tokens; responses are cut at the end to fit")
+    noise: float = _key(0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5")
+    max_pairs: int = _key(0, "use only the first N pairs of the file (0 = all)")
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr"))
+        _check_choice("template", self.template, ("plain", "llama2-chat", "mistral-instruct"))
+        _check_range("max_length", self.max_length, 2, None)
+        _check_range("noise", self.noise, 0.0, 0.5, high_open=True)
+        _check_range("max_pairs", self.max_pairs, 0, None)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss: str = _key("ropo", "dpo | ipo | cdpo | rdpo | ropo")
+    beta: float = _key(0.1, "inverse temperature of the implicit reward beta*log(pi/pi_ref)")
+    alpha: float = _key(14.0, "ROPO's trade-off alpha (> 2); larger is more conservative")
+    label_smoothing: float = _key(0.1, "epsilon of cdpo / rdpo (the assumed flip rate)")
+
+    def __post_init__(self) -> None:
+        _check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
+        _check_range("beta", self.beta, 0.0, None, low_open=True)
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    rounds: int = _key(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
+    rho: float = _key(0.2, "share of pairs dropped after each round (the highest-loss ones)")
+    rejection_sampling: bool = _key(False, "replace dropped pairs by pairs sampled from the policy")
+    rs_k: int = _key(4, "responses sampled per prompt of a dropped pair")
+    rs_temperature: float = _key(1.0, "sampling temperature for rejection sampling")
+    rs_top_p: float = _key(1.0, "nucleus sampling threshold for rejection sampling")
+    rs_max_new_tokens: int = _key(128, "length limit of sampled responses")
+
+    def __post_init__(self) -> None:
+        _check_range("rounds", self.rounds, 1, None)
+        _check_range("rho", self.rho, 0.0, 1.0, high_open=True)
+        _check_range("rs_k", self.rs_k, 2, None)
+        _check_range("rs_temperature", self.rs_temperature, 0.0, None)
+        _check_range("rs_top_p", self.rs_top_p, 0.0, 1.0, low_open=True)
+        _check_range("rs_max_new_tokens", self.rs_max_new_tokens, 1, None)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    epochs: int = _key(1, "epochs over the training set in every round")
+    lr: float = _key(5e-7, "peak AdamW learning rate")
+    batch_size: int = _key(8, "pairs per optimizer step (before accumulation)")
+    grad_accum: int = _key(1, "micro-batches per optimizer step; the loss is averaged over all")
+    weight_decay: float = _key(0.0, "AdamW decoupled weight decay")
+    warmup_ratio: float = _key(0.1, "share of all steps spent warming the learning rate up")
+    schedule: str = _key("cosine", "cosine | linear | constant decay after warm-up")
+    max_grad_norm: float = _key(1.0, "gradient clipping threshold (0 = off)")
+
+    def __post_init__(self) -> None:
+        _check_range("epochs", self.epochs, 1, None)
+        _check_range("lr", self.lr, 0.0, None, low_open=True)
+        _check_range("batch_size", self.batch_size, 1, None)
+        _check_range("grad_accum", self.grad_accum, 1, None)
+        _check_range("weight_decay", self.weight_decay, 0.0, None)
+        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_range("max_grad_norm", self.max_grad_norm, 0.0, None)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    out: str = _key("runs/default", "run directory: checkpoints, audit files, report")
+    seed: int = _key(0, "seeds noise injection, data order and sampling")
+    resume: str = _key("", "run directory to continue from its last checkpoint ('' = fresh)")
+    cache_dir: str = _key("", "reference log-prob cache ('' = <out>/cache)")
+    eval_every_round: bool = _key(True, "score every pair and write the audit after each round")
+    log_every: int = _key(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
+    save_every: int = _key(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
+
+    def __post_init__(self) -> None:
+        _check_range("log_every", self.log_every, 1, None)
+        _check_range("save_every", self.save_every, 0, None)
+
+
+SECTIONS = {
+    "model": ModelSettings,
+    "data": DataSettings,
+    "loss": LossSettings,
+    "filter": FilterSettings,
+    "optim": OptimSettings,
+    "run": RunSettings,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Every key with its resolved value, in declaration order (written beside every run)."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+
+def _section_of_key() -> dict[str, tuple[str, dataclasses.Field]]:
+    owners = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"config key {f.name} declared twice"
+            owners[f.name] = (section, f)
+    return owners
+
+
+KEYS = _section_of_key()
+
+
+def describe_keys() -> str:
+    """A table of every key, its default and its meaning (printed by `ropo keys`)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> RunConfig:
+    """RunConfig from flat key -> value pairs; `origins` says where each value came from."""
+    origins = origins or {}
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        where = origins.get(key, "config")
+        if key not in KEYS:
+            hint = difflib.get_close_matches(key, KEYS, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"{where}: unknown config key '{key}'{suggestion}; "
+                             f"`ropo keys` lists them all")
+        section, f = KEYS[key]
+        per_section[section][key] = _coerce(key, value, f, where)
+    try:
+        return RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
+    except ValueError as err:
+        bad_key = str(err).split("'")[1] if "'" in str(err) else ""
+        where = origins.get(bad_key, "")
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
+
+
+# Keys a resumed run may change: they do not alter what is computed.
+RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every")
+
+
+def load_config(config_file: str | Path | None, overrides: list[str],
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read `base` (a resumed run's config), the YAML file, then `key=value` overrides; validate."""
+    values: dict[str, Any] = dict(base or {})
+    origins: dict[str, str] = {key: "resumed run.json" for key in values}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for key, value in loaded.items():
+            line_no = next((i + 1 for i, line in enumerate(lines) if line.startswith(f"{key}:")), 0)
+            values[str(key)] = value
+            origins[str(key)] = f"{path}:{line_no}" if line_no else str(path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"command line: expected key=value, got '{item}'")
+        values[key] = yaml.safe_load(raw) if raw != "" else ""
+        origins[key] = f"command line '{item}'"
+    if base is not None:
+        changed = [k for k in values if k not in RESUMABLE_KEYS and values[k] != base.get(k)]
+        if changed:
+            raise ValueError(f"resume: {', '.join(changed)} differ from the resumed run's config; "
+                             f"a resumed run must compute the same thing (only "
+                             f"{', '.join(RESUMABLE_KEYS)} may change)")
+    return build_config(values, origins)
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
+    expected = typing.get_type_hints(_owner_class(key))[key]
+    if isinstance(expected, types.UnionType):
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. model: 7 would be odd, but a numeric run name is fine
+    if expected is str and value is None:
+        return ""
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: config key '{key}' expects {expected.__name__}, "
+                         f"got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _owner_class(key: str) -> type:
+    return SECTIONS[KEYS[key][0]]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    bad = isinstance(value, float) and not math.isfinite(value)
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"config key '{name}' = {value!r} must be {bounds}")

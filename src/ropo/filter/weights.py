@@ -1,0 +1,94 @@
+"""The w-step: with the policy fixed, choose which pairs the next round trains on.
+
+Stage: loss → **filter** → sampling → audit. In: one loss per pair over the whole data set (gathered
+from every rank), keyed by pair id. Out: a DropDecision holding 0/1 weights that sum to n_keep.
+"""
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+
+# eq=False: `==` on a tensor field is ambiguous, so decisions compare by identity.
+@dataclass(frozen=True, eq=False)
+class DropDecision:
+    """Which pairs the w-step keeps: `weights` (N,) float32, detached, on CPU, 1 = keep, 0 = drop.
+
+    The weights sum to n_keep = keep_count(N, drop_rate), not to 1 and not to N.
+    """
+
+    ids: tuple[str, ...]  # every scored pair id, in input order
+    weights: Tensor  # (N,), aligned with ids
+    n_keep: int
+
+    def __post_init__(self) -> None:
+        # A decision may also be rebuilt from a saved round, so check what the docstring promises.
+        w = self.weights
+        if w.shape != (len(self.ids),) or not ((w == 0) | (w == 1)).all():
+            raise ValueError(f"weights must be 0/1 of shape ({len(self.ids)},), got {w.shape}")
+        if w.sum().item() != self.n_keep:
+            raise ValueError(f"weights sum to {w.sum().item()}, but n_keep is {self.n_keep}")
+
+    @property
+    def kept_ids(self) -> tuple[str, ...]:
+        """Ids with weight 1, in input order."""
+        return tuple(pid for pid, w in zip(self.ids, self.weights.tolist(), strict=True) if w)
+
+    @property
+    def dropped_ids(self) -> tuple[str, ...]:
+        """Ids with weight 0, in input order."""
+        return tuple(pid for pid, w in zip(self.ids, self.weights.tolist(), strict=True) if not w)
+
+
+def _check_drop_rate(drop_rate: float) -> None:
+    if not (math.isfinite(drop_rate) and 0 <= drop_rate < 1):
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+
+
+def keep_count(n_pairs: int, drop_rate: float) -> int:
+    """(1 − ρ)·N rounded half up, floor((1 − ρ)·N + 1/2), computed exactly on ρ as written.
+
+    Python's round() rounds halves to even (round(2.5) == 2), and in floats (1 − 0.3)·45 is
+    31.4999…, not 31.5; reading ρ through its decimal string makes 0.3 exactly 3/10.
+    """
+    _check_drop_rate(drop_rate)
+    if n_pairs < 0:
+        raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
+    keep_share = 1 - Fraction(str(float(drop_rate)))
+    return math.floor(keep_share * n_pairs + Fraction(1, 2))
+
+
+@torch.no_grad()
+def select_drops(ids: Sequence[str], losses: Tensor, drop_rate: float) -> DropDecision:
+    """Keep the keep_count(N, ρ) pairs with the lowest loss; `losses` is (N,), aligned with `ids`.
+
+    Solves min_w Σ w_i·ℓ_i s.t. Σ w_i = (1 − ρ)·N, 0 ≤ w_i ≤ 1: a linear program whose optimum is
+    0/1 (method.md, "The problem"). Ties go by loss, then by id, so every rank reaches the same
+    decision whatever the input order. The returned weights sum to n_keep (not 1, not N).
+    """
+    _check_drop_rate(drop_rate)
+    ids = tuple(ids)
+    losses = torch.as_tensor(losses)
+    if losses.dim() != 1 or losses.numel() != len(ids):
+        raise ValueError(
+            f"losses must have shape ({len(ids)},), one per id; got {tuple(losses.shape)}"
+        )
+    if len(set(ids)) != len(ids):
+        repeated = sorted(pid for pid, count in Counter(ids).items() if count > 1)
+        raise ValueError(f"pair ids must be unique; repeated: {repeated[:10]}")
+    # float64 on CPU holds every float32/bf16 value exactly, so the order is the tensor's order.
+    values = losses.detach().to("cpu", torch.float64).tolist()
+    non_finite = [pid for pid, value in zip(ids, values, strict=True) if not math.isfinite(value)]
+    if non_finite:
+        raise ValueError(f"non-finite loss for {len(non_finite)} pair(s), e.g. {non_finite[:10]}")
+
+    n_keep = keep_count(len(ids), drop_rate)
+    order = sorted(range(len(ids)), key=lambda i: (values[i], ids[i]))
+    weights = torch.zeros(len(ids), dtype=torch.float32)
+    weights[torch.tensor(order[:n_keep], dtype=torch.long)] = 1.0
+    return DropDecision(ids=ids, weights=weights, n_keep=n_keep)

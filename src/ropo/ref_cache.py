@@ -1,0 +1,142 @@
+"""Reference log-probs, computed once per dataset and cached on disk.
+
+The frozen reference model scores every pair once; the training loop only reads the cache. The
+cache file name is a fingerprint of everything that changes the numbers: the reference weights
+and config, the exact token ids of every pair (which already captures the tokenizer, the chat
+template and the truncation rule), the dtype and the log-prob convention. A changed input gives a
+different fingerprint and therefore a recomputation, never a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ropo.data import TokenizedPair
+from ropo.logps import PairLogps, score_pairs
+from ropo.models.load import load_model
+
+# Bump when the way log-probs are computed changes, so old caches stop matching.
+LOGP_CONVENTION = "summed-response-logps-fp32-v1"
+
+
+@dataclass
+class RefLogps:
+    """Reference log-probs keyed by pair id."""
+
+    ids: list[str]
+    logps: PairLogps
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        self._row = {pair_id: i for i, pair_id in enumerate(self.ids)}
+
+    def lookup(self, ids: Sequence[str]) -> PairLogps:
+        """PairLogps (B,) for `ids`, in that order."""
+        missing = [i for i in ids if i not in self._row]
+        if missing:
+            raise KeyError(f"no reference log-probs for pair ids {missing[:5]}")
+        index = torch.tensor([self._row[i] for i in ids], dtype=torch.long)
+        return PairLogps(self.logps.chosen[index], self.logps.rejected[index],
+                         self.logps.chosen_tokens[index], self.logps.rejected_tokens[index])
+
+    def extend(self, other: RefLogps) -> RefLogps:
+        """This cache plus the pairs of `other` (new ids only), e.g. rejection-sampled pairs."""
+        new = [i for i, pair_id in enumerate(other.ids) if pair_id not in self._row]
+        index = torch.tensor(new, dtype=torch.long)
+        cat = lambda a, b: torch.cat([a, b[index]])  # noqa: E731
+        mine, theirs = self.logps, other.logps
+        merged = PairLogps(cat(mine.chosen, theirs.chosen), cat(mine.rejected, theirs.rejected),
+                           cat(mine.chosen_tokens, theirs.chosen_tokens),
+                           cat(mine.rejected_tokens, theirs.rejected_tokens))
+        return RefLogps(self.ids + [other.ids[i] for i in new], merged, self.fingerprint)
+
+
+def fingerprint_pairs(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 over the ids and token ids of every pair, in order."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        record = [pair.id, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]
+        digest.update(json.dumps(record, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def fingerprint_model_dir(model_dir: str | Path) -> str:
+    """sha256 over config.json and every safetensors file of a checkpoint directory.
+
+    Reading every byte is deliberate: a size/mtime shortcut would miss a checkpoint rewritten in
+    place. For a 7B checkpoint this costs about a minute once per run, against hours of training.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_logps(model_dir: str | Path, pairs: Sequence[TokenizedPair], cache_dir: str | Path,
+                    batch_size: int, pad_id: int, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> RefLogps:
+    """Reference log-probs of `pairs`, read from `cache_dir` when a matching file exists.
+
+    Otherwise the reference model is loaded from `model_dir`, scores every pair once in eval mode,
+    and is freed again; the result is written atomically so a crash never leaves half a cache.
+    """
+    key_parts = [fingerprint_model_dir(model_dir), fingerprint_pairs(pairs), str(dtype),
+                 LOGP_CONVENTION]
+    fingerprint = hashlib.sha256("|".join(key_parts).encode()).hexdigest()
+    path = Path(cache_dir) / f"ref-logps-{fingerprint[:24]}.safetensors"
+    ids = [pair.id for pair in pairs]
+    if path.is_file():
+        cached = _read_cache(path, fingerprint, ids)
+        if cached is not None:
+            return cached
+    reference = load_model(model_dir, dtype=dtype, device=device)
+    logps = score_pairs(reference, pairs, batch_size, pad_id, desc="reference log-probs")
+    del reference
+    _write_cache(path, fingerprint, ids, logps)
+    return RefLogps(ids, logps, fingerprint)
+
+
+def _read_cache(path: Path, fingerprint: str, ids: list[str]) -> RefLogps | None:
+    tensors = load_file(str(path))
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fingerprint or meta.get("ids") != ids:
+        return None
+    logps = PairLogps(tensors["chosen"], tensors["rejected"], tensors["chosen_tokens"],
+                      tensors["rejected_tokens"])
+    return RefLogps(ids, logps, fingerprint)
+
+
+def _write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"chosen": logps.chosen, "rejected": logps.rejected,
+               "chosen_tokens": logps.chosen_tokens, "rejected_tokens": logps.rejected_tokens}
+    meta = {"fingerprint": fingerprint, "ids": ids, "convention": LOGP_CONVENTION}
+    # The json is written last: a cache counts only when both files exist and agree.
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    tmp_meta = path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, path.with_suffix(".json"))

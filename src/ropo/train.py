@@ -1,0 +1,357 @@
+"""The ROPO training loop: the one module that wires every stage together.
+
+    config -> tokenizer and data (+ injected noise) -> policy and reference log-prob cache
+    for each round:  train on the kept pairs (+ sampled pairs) with the chosen loss  (theta-step)
+                     score every pair with the policy, keep the lowest-loss (1 - rho) N  (w-step)
+                     write the audit; optionally sample new pairs for dropped prompts
+`loss=dpo rounds=1 rho=0` is plain DPO through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ropo import audit
+from ropo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ropo.config import OptimSettings, RunConfig
+from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
+from ropo.filter.rejection import rejection_sample
+from ropo.filter.weights import DropDecision, select_drops
+from ropo.logps import PairLogps, collate_pairs, response_logps, score_pairs
+from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
+from ropo.models import Tokenizer, load_model, load_tokenizer, save_model
+from ropo.models.llama import Transformer
+from ropo.presets import resolve_data, resolve_model
+from ropo.ref_cache import RefLogps, fingerprint_pairs, reference_logps
+from ropo.resources import check_memory, pick_device
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Dataset:
+    """The pairs of a run: text (for export), tokens (for training) and the injected flips."""
+
+    text: list[PreferencePair]
+    tokens: list[TokenizedPair]
+    flips: dict[str, bool] | None
+    summary: str
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint so that `resume` continues exactly."""
+
+    round_idx: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    kept_ids: list[str] | None = None  # None: every pair (round 0)
+    sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
+
+
+@dataclass
+class StepStats:
+    loss: float
+    reward_accuracy: float
+    margin: float
+    grad_norm: float
+    lr: float
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run the whole ROPO pipeline described by `cfg`; returns the run directory."""
+    out = Path(cfg.run.resume or cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    device = pick_device(cfg.model.device)
+    dtype = DTYPES[cfg.model.dtype]
+    model_dir = resolve_model(cfg.model.model)
+    tokenizer = load_tokenizer(model_dir)
+    data = prepare_data(cfg, tokenizer, out)
+    print(data.summary)
+    audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
+    check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
+    ref = reference_logps(model_dir, data.tokens, cfg.run.cache_dir or out / "cache",
+                          cfg.optim.batch_size * 2, tokenizer.pad_id, dtype, device)
+    loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
+    optimizer_for = lambda m: make_optimizer(m, cfg.optim)  # noqa: E731
+    policy, optimizer, state = start_or_resume(cfg, out, model_dir, dtype, device, optimizer_for)
+    check_vocab(tokenizer, policy, model_dir)
+    ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
+    total_steps = planned_steps(len(data.tokens), cfg)
+    by_id = {pair.id: pair for pair in data.tokens}
+    for round_idx in range(state.round_idx, cfg.filter.rounds):
+        kept = state.kept_ids if state.kept_ids is not None else list(by_id)
+        train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
+        for epoch in range(state.epoch, cfg.optim.epochs):
+            steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
+            bar = tqdm(steps, desc=f"round {round_idx + 1}/{cfg.filter.rounds} "
+                       f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
+                       initial=state.step_in_epoch, total=len(steps))
+            for step_idx in range(state.step_in_epoch, len(steps)):
+                lr = learning_rate(state.global_step, total_steps, cfg.optim)
+                stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr,
+                                   tokenizer.pad_id, cfg.optim.max_grad_norm, device)
+                state.global_step += 1
+                state.step_in_epoch = step_idx + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.reward_accuracy:.2f}",
+                                margin=f"{stats.margin:.3f}")
+                log_step(out, state, stats, cfg.run.log_every)
+                if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
+                    save_checkpoint(out, f"step-{state.global_step:07d}", policy, optimizer,
+                                    checkpoint_state(state, cfg))
+            bar.close()
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+        decision = end_of_round(policy, data, ref, loss_fn, cfg, round_idx, out, tokenizer.pad_id)
+        state.sampled = []
+        if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
+            state.sampled = sample_replacements(policy, model_dir, data, decision, cfg, round_idx,
+                                                tokenizer, dtype, device, out)
+            ref = ref.extend(sampled_ref_logps(state.sampled))
+        state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
+        save_checkpoint(out, f"round-{round_idx + 1}", policy, optimizer,
+                        checkpoint_state(state, cfg))
+    save_model(policy, out / "final")
+    shutil.copy(model_dir / "tokenizer.model", out / "final" / "tokenizer.model")
+    print(f"done: {out}/final (model), {out}/pairs.jsonl, {out}/metrics.jsonl, "
+          f"{out}/cleaned.jsonl")
+    return out
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
+    """Load, inject noise (recording the flip mask in <out>/flips.json) and tokenise."""
+    path, data_format = resolve_data(cfg.data.data, cfg.data.format)
+    pairs, report = load_pairs(path, format=data_format, template=cfg.data.template)
+    if cfg.data.max_pairs:
+        pairs = pairs[: cfg.data.max_pairs]
+    flips = None
+    if cfg.data.noise > 0:
+        pairs, flips = inject_noise(pairs, cfg.data.noise, cfg.run.seed)
+        (out / "flips.json").write_text(json.dumps(flips))
+    tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report)
+    if not tokens:
+        raise ValueError(f"{path}: no usable pairs left ({report.summary()})")
+    used = {pair.id for pair in tokens}
+    text = [pair for pair in pairs if pair.id in used]
+    flips = {i: flips[i] for i in used} if flips is not None else None
+    noise = f", {sum(flips.values())} labels flipped (noise={cfg.data.noise})" if flips else ""
+    return Dataset(text, tokens, flips, f"{path}: {report.summary()}{noise}")
+
+
+def loss_params(cfg: RunConfig) -> dict[str, float]:
+    """The extra parameters the chosen loss takes (alpha for ropo, epsilon for cdpo/rdpo)."""
+    return {name: getattr(cfg.loss, name) for name in LOSS_PARAMS[cfg.loss.loss]}
+
+
+def start_or_resume(cfg: RunConfig, out: Path, model_dir: Path, dtype: torch.dtype,
+                    device: torch.device, optimizer_for: Any,
+                    ) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+    """A fresh policy from `model_dir`, or the model, optimizer and state of the last checkpoint."""
+    checkpoint = latest_checkpoint(out) if cfg.run.resume else None
+    if checkpoint is None:
+        if cfg.run.resume:
+            print(f"resume: no checkpoint in {out} yet, starting from the beginning")
+        policy = load_model(model_dir, dtype=dtype, device=device)
+        policy.activation_checkpointing = cfg.model.activation_checkpointing
+        policy.train()
+        for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        return policy, optimizer_for(policy), LoopState()
+    policy, optimizer, saved = load_checkpoint(checkpoint, optimizer_for, dtype, device)
+    policy.activation_checkpointing = cfg.model.activation_checkpointing
+    loop = saved["loop"]
+    state = LoopState(**loop)
+    print(f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
+          f"step {state.global_step})")
+    audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
+    audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
+    audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
+    return policy, optimizer, state
+
+
+def checkpoint_state(state: LoopState, cfg: RunConfig) -> dict[str, Any]:
+    return {"loop": vars(state).copy(), "config": cfg.to_flat_dict()}
+
+
+def make_optimizer(model: Transformer, cfg: OptimSettings) -> torch.optim.Optimizer:
+    """AdamW over every parameter (fused kernels on GPU)."""
+    fused = model.output.weight.is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=(0.9, 0.999), fused=fused or None)
+
+
+def planned_steps(n_pairs: int, cfg: RunConfig) -> int:
+    """Optimizer steps if every round trained on all N pairs: the schedule's length.
+
+    Later rounds train on (1 - rho) N kept pairs plus at most rho N sampled ones, so the real
+    count is at most this; the decay then ends slightly above zero, never past it.
+    """
+    pairs_per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    return cfg.filter.rounds * cfg.optim.epochs * math.ceil(n_pairs / pairs_per_step)
+
+
+def learning_rate(step: int, total_steps: int, cfg: OptimSettings) -> float:
+    """Linear warm-up over warmup_ratio of the steps, then cosine/linear decay or constant."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr
+
+
+def epoch_steps(pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoch: int
+                ) -> list[list[list[TokenizedPair]]]:
+    """The epoch as optimizer steps, each a list of micro-batches of pairs.
+
+    The order is a permutation seeded by (seed, round, epoch) alone, so a resumed run replays the
+    same batches; the last step may be short.
+    """
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx * 1009 + epoch)
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    size, accum = cfg.optim.batch_size, cfg.optim.grad_accum
+    micro = [[pairs[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+    return [micro[s : s + accum] for s in range(0, len(micro), accum)]
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
+               micro_batches: list[list[TokenizedPair]], ref: RefLogps, loss_fn: PreferenceLoss,
+               lr: float, pad_id: int, max_grad_norm: float, device: torch.device) -> StepStats:
+    """One optimizer step: the per-pair loss averaged over every pair of the step, then AdamW.
+
+    Each micro-batch's summed loss is divided by the step's total pair count before backward, so
+    accumulation gives exactly the gradient of one big batch.
+    """
+    n_pairs = sum(len(mb) for mb in micro_batches)
+    total_loss, correct, margin_sum = 0.0, 0, 0.0
+    for pairs in micro_batches:
+        batch = collate_pairs(pairs, pad_id).to(device)
+        policy = response_logps(model, batch)
+        reference = ref.lookup(batch.ids).to(device)
+        losses, margins = pair_losses(loss_fn, policy, reference)
+        if not torch.isfinite(losses).all():
+            bad = [batch.ids[i] for i in torch.nonzero(~torch.isfinite(losses)).flatten()]
+            raise FloatingPointError(f"non-finite loss for pairs {bad[:10]}")
+        (losses.sum() / n_pairs).backward()
+        total_loss += losses.detach().sum().item()
+        correct += int((margins > 0).sum())
+        margin_sum += margins.detach().sum().item()
+    grad_norm = clip_gradients(model, max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(total_loss / n_pairs, correct / n_pairs, margin_sum / n_pairs, grad_norm, lr)
+
+
+def pair_losses(loss_fn: PreferenceLoss, policy: PairLogps, reference: PairLogps
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair losses (N,) and margins (N,), in the log-prob convention the loss asks for."""
+    if loss_fn.length_normalized:
+        policy, reference = policy.mean(), reference.mean()
+    losses = loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
+    margins = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    return losses, margins.detach()
+
+
+def clip_gradients(model: Transformer, max_grad_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
+    return norm.item()
+
+
+def end_of_round(policy: Transformer, data: Dataset, ref: RefLogps, loss_fn: PreferenceLoss,
+                 cfg: RunConfig, round_idx: int, out: Path, pad_id: int) -> DropDecision:
+    """The w-step: score every pair with the policy, keep the (1 - rho) N lowest-loss pairs.
+
+    Writes the round's audit lines, its metrics and the cleaned dataset (kept pairs).
+    """
+    ids = [pair.id for pair in data.tokens]
+    scores = score_pairs(policy, data.tokens, cfg.optim.batch_size * 2, pad_id,
+                         desc=f"scoring round {round_idx + 1}")
+    reference = ref.lookup(ids)
+    with torch.no_grad():
+        losses, _ = pair_losses(loss_fn, scores, reference)
+    decision = select_drops(ids, losses, cfg.filter.rho)
+    records = audit.pair_records(round_idx, ids, scores, reference, losses, decision,
+                                 cfg.loss.beta, data.flips)
+    metrics = audit.round_metrics(round_idx, records, decision, data.flips, {})
+    audit.append_jsonl(out / "pairs.jsonl", records)
+    audit.append_jsonl(out / "metrics.jsonl", [metrics])
+    audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids)
+    print(audit.format_metrics(metrics))
+    return decision
+
+
+def sample_replacements(policy: Transformer, model_dir: Path, data: Dataset,
+                        decision: DropDecision, cfg: RunConfig, round_idx: int,
+                        tokenizer: Tokenizer, dtype: torch.dtype, device: torch.device,
+                        out: Path) -> list[dict[str, Any]]:
+    """Rejection-sampled pairs for the prompts of dropped pairs, as JSON-ready records."""
+    dropped = set(decision.dropped_ids)
+    reference = load_model(model_dir, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 7919 + round_idx)
+    result = rejection_sample(
+        policy, reference, [p for p in data.tokens if p.id in dropped], round_idx,
+        cfg.filter.rs_k, cfg.loss.beta, cfg.filter.rs_temperature, cfg.filter.rs_top_p,
+        cfg.filter.rs_max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, generator)
+    del reference
+    policy.train()
+    records = []
+    for i, pair in enumerate(result.pairs):
+        records.append({"id": pair.id, "round": round_idx, "prompt_ids": list(pair.prompt_ids),
+                        "chosen_ids": list(pair.chosen_ids),
+                        "rejected_ids": list(pair.rejected_ids),
+                        "ref_chosen_logp": result.reference.chosen[i].item(),
+                        "ref_rejected_logp": result.reference.rejected[i].item(),
+                        "chosen": tokenizer.decode(list(pair.chosen_ids)),
+                        "rejected": tokenizer.decode(list(pair.rejected_ids))})
+    audit.append_jsonl(out / "sampled_pairs.jsonl", records)
+    print(f"rejection sampling: {len(records)} new pairs for {len(dropped)} dropped pairs "
+          f"(skipped: {result.skipped})")
+    return records
+
+
+def sampled_pair(record: dict[str, Any]) -> TokenizedPair:
+    return TokenizedPair(record["id"], tuple(record["prompt_ids"]), tuple(record["chosen_ids"]),
+                         tuple(record["rejected_ids"]))
+
+
+def sampled_ref_logps(records: list[dict[str, Any]]) -> RefLogps:
+    """Reference log-probs of sampled pairs (computed when they were sampled)."""
+    column = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
+    count = lambda key: torch.tensor([float(len(r[key])) for r in records])  # noqa: E731
+    logps = PairLogps(column("ref_chosen_logp"), column("ref_rejected_logp"),
+                      count("chosen_ids"), count("rejected_ids"))
+    return RefLogps([r["id"] for r in records], logps, "sampled")
+
+
+def check_vocab(tokenizer: Tokenizer, model: Transformer, model_dir: Path) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
+                         f"model's embedding has {model.config.vocab_size} rows "
+                         f"({model_dir}/config.json vocab_size): they do not belong together")
+
+
+def log_step(out: Path, state: LoopState, stats: StepStats, every: int) -> None:
+    if state.global_step % every == 0:
+        record = {"step": state.global_step, "round": state.round_idx, **vars(stats)}
+        audit.append_jsonl(out / "train_log.jsonl", [record])
