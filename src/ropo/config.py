@@ -29,11 +29,14 @@ class ModelSettings:
     model: str = _key("", "HF model directory (config.json, safetensors, tokenizer.model) or a "
                           "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR")
     dtype: str = _key("float32", "weights dtype: float32 | bfloat16 | float16")
+    autocast: str = _key("none", "mixed precision for matmuls: none | bfloat16 (with float32 "
+                                 "weights this is the usual fp32-master / bf16-compute setup)")
     device: str = _key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     activation_checkpointing: bool = _key(False, "recompute each block in backward to save memory")
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("autocast", self.autocast, ("none", "bfloat16"))
 
 
 @dataclass(frozen=True)

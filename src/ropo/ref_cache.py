@@ -99,8 +99,10 @@ def reference_logps(model_dir: str | Path, pairs: Sequence[TokenizedPair], cache
     Otherwise the reference model is loaded from `model_dir`, scores every pair once in eval mode,
     and is freed again; the result is written atomically so a crash never leaves half a cache.
     """
+    autocast = torch.get_autocast_dtype(torch.device(device).type) \
+        if torch.is_autocast_enabled(torch.device(device).type) else None
     key_parts = [fingerprint_model_dir(model_dir), fingerprint_pairs(pairs), str(dtype),
-                 LOGP_CONVENTION]
+                 f"autocast={autocast}", LOGP_CONVENTION]
     fingerprint = hashlib.sha256("|".join(key_parts).encode()).hexdigest()
     path = Path(cache_dir) / f"ref-logps-{fingerprint[:24]}.safetensors"
     ids = [pair.id for pair in pairs]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -58,6 +59,16 @@ class LoopState:
     sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What every training step needs besides the model, the optimizer and the data."""
+
+    pad_id: int
+    max_grad_norm: float
+    device: torch.device
+    autocast: torch.dtype | None  # None: compute in the weights' dtype
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -80,8 +91,11 @@ def train(cfg: RunConfig) -> Path:
     print(data.summary)
     audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
     check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
-    ref = reference_logps(model_dir, data.tokens, cfg.run.cache_dir or out / "cache",
-                          cfg.optim.batch_size * 2, tokenizer.pad_id, dtype, device)
+    step = StepSettings(tokenizer.pad_id, cfg.optim.max_grad_norm, device,
+                        DTYPES.get(cfg.model.autocast))
+    with autocast(device, step.autocast):
+        ref = reference_logps(model_dir, data.tokens, cfg.run.cache_dir or out / "cache",
+                              cfg.optim.batch_size * 2, tokenizer.pad_id, dtype, device)
     loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
     optimizer_for = lambda m: make_optimizer(m, cfg.optim)  # noqa: E731
     policy, optimizer, state = start_or_resume(cfg, out, model_dir, dtype, device, optimizer_for)
@@ -99,8 +113,7 @@ def train(cfg: RunConfig) -> Path:
                        initial=state.step_in_epoch, total=len(steps))
             for step_idx in range(state.step_in_epoch, len(steps)):
                 lr = learning_rate(state.global_step, total_steps, cfg.optim)
-                stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr,
-                                   tokenizer.pad_id, cfg.optim.max_grad_norm, device)
+                stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr, step)
                 state.global_step += 1
                 state.step_in_epoch = step_idx + 1
                 bar.update(1)
@@ -112,11 +125,13 @@ def train(cfg: RunConfig) -> Path:
                                     checkpoint_state(state, cfg))
             bar.close()
             state.epoch, state.step_in_epoch = epoch + 1, 0
-        decision = end_of_round(policy, data, ref, loss_fn, cfg, round_idx, out, tokenizer.pad_id)
+        with autocast(device, step.autocast):
+            decision = end_of_round(policy, data, ref, loss_fn, cfg, round_idx, out, step.pad_id)
         state.sampled = []
         if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
-            state.sampled = sample_replacements(policy, model_dir, data, decision, cfg, round_idx,
-                                                tokenizer, dtype, device, out)
+            with autocast(device, step.autocast):
+                state.sampled = sample_replacements(policy, model_dir, data, decision, cfg,
+                                                    round_idx, tokenizer, dtype, device, out)
             ref = ref.extend(sampled_ref_logps(state.sampled))
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
         save_checkpoint(out, f"round-{round_idx + 1}", policy, optimizer,
@@ -229,7 +244,7 @@ def epoch_steps(pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoc
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
                micro_batches: list[list[TokenizedPair]], ref: RefLogps, loss_fn: PreferenceLoss,
-               lr: float, pad_id: int, max_grad_norm: float, device: torch.device) -> StepStats:
+               lr: float, settings: StepSettings) -> StepStats:
     """One optimizer step: the per-pair loss averaged over every pair of the step, then AdamW.
 
     Each micro-batch's summed loss is divided by the step's total pair count before backward, so
@@ -238,9 +253,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
     n_pairs = sum(len(mb) for mb in micro_batches)
     total_loss, correct, margin_sum = 0.0, 0, 0.0
     for pairs in micro_batches:
-        batch = collate_pairs(pairs, pad_id).to(device)
-        policy = response_logps(model, batch)
-        reference = ref.lookup(batch.ids).to(device)
+        batch = collate_pairs(pairs, settings.pad_id).to(settings.device)
+        with autocast(settings.device, settings.autocast):
+            policy = response_logps(model, batch)
+        reference = ref.lookup(batch.ids).to(settings.device)
         losses, margins = pair_losses(loss_fn, policy, reference)
         if not torch.isfinite(losses).all():
             bad = [batch.ids[i] for i in torch.nonzero(~torch.isfinite(losses)).flatten()]
@@ -249,12 +265,19 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
         total_loss += losses.detach().sum().item()
         correct += int((margins > 0).sum())
         margin_sum += margins.detach().sum().item()
-    grad_norm = clip_gradients(model, max_grad_norm)
+    grad_norm = clip_gradients(model, settings.max_grad_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(total_loss / n_pairs, correct / n_pairs, margin_sum / n_pairs, grad_norm, lr)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 matmuls with fp32 weights when asked; a no-op otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def pair_losses(loss_fn: PreferenceLoss, policy: PairLogps, reference: PairLogps

@@ -1,0 +1,373 @@
+"""Preference data: JSONL file → PreferencePair (text) → TokenizedPair (ids), plus label noise.
+
+Sits between the tokenizer and the model: `train.py` loads pairs here, optionally flips labels with
+a known mask (for the noise audit), and tokenises them. Every pair keeps its `id` to the audit file.
+
+Truncation rule (tokenize_pairs): the prompt is never cut; each response is cut at its end so that
+len(prompt_ids) + len(response_ids) <= max_length, losing its EOS when cut. A prompt that leaves no
+room for a response token is skipped ("prompt_too_long"), as is a pair whose two responses are equal
+after truncation ("identical_after_truncation"): its DPO loss is a constant ln 2.
+"""
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ropo.models.tokenizer import BOS_TEXT, TEMPLATES, Tokenizer, format_chat
+
+FORMATS = ("plain", "ultrafeedback", "alpaca_comparison", "tldr")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    id: str  # explicit "id" / prompt_id from the record, else a content hash
+    prompt: str  # rendered with the chat template, ready for the tokenizer
+    chosen: str
+    rejected: str
+    source: str  # "file:line", for messages
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    id: str
+    prompt_ids: tuple[int, ...]  # starts with the only leading BOS
+    chosen_ids: tuple[int, ...]  # ends with EOS unless truncated
+    rejected_ids: tuple[int, ...]
+
+
+@dataclass
+class DataReport:
+    """What happened to the records of one file; read == used + sum(skipped.values())."""
+
+    read: int = 0
+    used: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        """One line: "read 1000 pairs, used 987, skipped 13 (prompt_too_long: 10, ...)"."""
+        line = f"read {self.read} pairs, used {self.used}, skipped {sum(self.skipped.values())}"
+        reasons = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
+        return line + (f" ({', '.join(f'{r}: {n}' for r, n in reasons)})" if reasons else "")
+
+
+def load_pairs(
+    path: str | Path, format: str = "plain", template: str = "plain"
+) -> tuple[list[PreferencePair], DataReport]:
+    """Pairs of a JSONL file in one of FORMATS, prompts rendered with `format_chat(template)`.
+
+    Ids: the record's "id" (ultrafeedback: "prompt_id", a repeat gets "#2", "#3", ...), else the
+    first 16 hex digits of sha1(prompt, chosen, rejected). Exact repeats of a pair without an
+    explicit id are skipped ("duplicate_pair"); a repeated explicit id is an error naming both
+    lines. Also skipped: an empty or all-whitespace response ("empty_response"), chosen == rejected
+    ("identical_responses"). Blank lines are ignored; bad input raises ValueError("file:line: ...").
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    report, pairs = DataReport(), []
+    id_lines: dict[str, str] = {}  # id -> "file:line" that claimed it
+    contents: set[str] = set()
+    for where, record in _read_records(path):
+        report.read += 1
+        messages, chosen, rejected, pair_id = _PARSERS[format](record, where)
+        prompt = _render(messages, template, where)
+        content = _content_hash(prompt, chosen, rejected)
+        if format == "ultrafeedback" and content not in contents:
+            pair_id = _unused(pair_id, id_lines)
+        explicit = pair_id is not None and format != "ultrafeedback"
+        if explicit:
+            _claim(pair_id, where, id_lines)
+        duplicate = content in contents and not explicit
+        reason = _skip_reason(chosen, rejected) or ("duplicate_pair" if duplicate else "")
+        if reason:
+            report.skip(reason)
+            continue
+        pair_id = content[:16] if pair_id is None else pair_id
+        if not explicit:
+            _claim(pair_id, where, id_lines)
+        contents.add(content)
+        pairs.append(PreferencePair(pair_id, prompt, chosen, rejected, where))
+    if report.read == 0:
+        raise ValueError(f"{path}: no pairs (the file is empty or only blank lines)")
+    report.used = len(pairs)
+    return pairs, report
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", JSON object) for every non-blank line; bytes are decoded line by line so that
+    bad UTF-8 is reported with its line instead of failing inside the codec."""
+    with open(path, "rb") as file:
+        for lineno, raw in enumerate(file, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 (byte {err.start} of the line)"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+# A parser turns one record into (prompt messages, chosen, rejected, explicit id or None).
+Parsed = tuple[list[dict], str, str, str | None]
+
+
+def _parse_plain(record: dict, where: str) -> Parsed:
+    if isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list):
+        return _parse_messages(record, where)
+    prompt = _nonblank(_get(record, "prompt", str, where), "prompt", where)
+    chosen, rejected = _get(record, "chosen", str, where), _get(record, "rejected", str, where)
+    return [{"role": "user", "content": prompt}], chosen, rejected, _explicit_id(record, where)
+
+
+def _parse_messages(record: dict, where: str) -> Parsed:
+    """Chat style: chosen/rejected are message lists ending with the assistant response. The turns
+    before it (equal in both) are the prompt; if there are none, "prompt" holds them (a string is
+    one user turn), as in TRL's conversational layout. Otherwise a "prompt" field is not used."""
+    chosen, rejected = _get(record, "chosen", list, where), _get(record, "rejected", list, where)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        _check_messages(messages, name, where)
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{where}: field '{name}' must end with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' differ before their final message")
+    context, label = chosen[:-1], "chosen[-2].content"
+    if not context:
+        prompt = _get(record, "prompt", (str, list), where)
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        _check_messages(context, "prompt", where)
+        label = "prompt"
+    if context:
+        _nonblank(context[-1]["content"], label, where)
+    return context, chosen[-1]["content"], rejected[-1]["content"], _explicit_id(record, where)
+
+
+def _parse_ultrafeedback(record: dict, where: str) -> Parsed:
+    """HuggingFaceH4/ultrafeedback_binarized rows; the message lists carry the prompt."""
+    prompt_id = _nonblank(_get(record, "prompt_id", str, where), "prompt_id", where)
+    context, chosen, rejected, _ = _parse_messages(record, where)
+    return context, chosen, rejected, prompt_id
+
+
+def _parse_alpaca(record: dict, where: str) -> Parsed:
+    """AlpacaFarm preference rows: prompt = instruction (+ "\\n\\n" + input when non-empty)."""
+    instruction = _nonblank(_get(record, "instruction", str, where), "instruction", where)
+    extra = _get(record, "input", str, where) if "input" in record else ""
+    prompt = instruction + ("\n\n" + extra if extra.strip() else "")
+    first, second = _get(record, "output_1", str, where), _get(record, "output_2", str, where)
+    preference = _choice(record, "preference", (1, 2), where)
+    chosen, rejected = (first, second) if preference == 1 else (second, first)
+    return [{"role": "user", "content": prompt}], chosen, rejected, _explicit_id(record, where)
+
+
+def _parse_tldr(record: dict, where: str) -> Parsed:
+    """openai/summarize_from_feedback comparisons (Reddit posts)."""
+    info = _get(record, "info", dict, where)
+    post = _nonblank(_get(info, "post", str, where, "info.post"), "info.post", where)
+    title = _get(info, "title", str, where, "info.title")
+    subreddit = _get(info, "subreddit", str, where, "info.subreddit")
+    summaries = _get(record, "summaries", list, where)
+    if len(summaries) != 2:
+        raise ValueError(f"{where}: field 'summaries' must hold 2 entries, has {len(summaries)}")
+    texts = []
+    for i, summary in enumerate(summaries):
+        label = f"summaries[{i}]"
+        summary = _get({label: summary}, label, dict, where)
+        texts.append(_get(summary, "text", str, where, f"{label}.text"))
+    choice = _choice(record, "choice", (0, 1), where)
+    prompt = f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+    chosen, rejected = texts[choice], texts[1 - choice]
+    return [{"role": "user", "content": prompt}], chosen, rejected, _explicit_id(record, where)
+
+
+_PARSERS: dict[str, Callable[[dict, str], Parsed]] = {
+    "plain": _parse_plain,
+    "ultrafeedback": _parse_ultrafeedback,
+    "alpaca_comparison": _parse_alpaca,
+    "tldr": _parse_tldr,
+}
+
+
+def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str, label: str = "") -> Any:
+    """obj[key], checked to be of JSON type `kind`; `label` names nested fields ("info.post")."""
+    label = label or key
+    if key not in obj:
+        raise ValueError(f"{where}: missing field '{label}'")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):  # JSON true is not an integer
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        expected = " or ".join(_JSON_TYPES[k] for k in kinds)
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ValueError(f"{where}: field '{label}' must be {expected}, got {got}")
+    return value
+
+
+_JSON_TYPES = {str: "string", list: "array", dict: "object", int: "integer", float: "number",
+               bool: "boolean", type(None): "null"}  # fmt: skip
+
+
+def _nonblank(text: str, label: str, where: str) -> str:
+    if not text.strip():
+        raise ValueError(f"{where}: empty prompt (field '{label}')")
+    return text
+
+
+def _check_messages(messages: list, name: str, where: str) -> None:
+    for i, message in enumerate(messages):
+        label = f"{name}[{i}]"
+        _get({label: message}, label, dict, where)
+        _get(message, "role", str, where, f"{label}.role")
+        _get(message, "content", str, where, f"{label}.content")
+
+
+def _choice(record: dict, key: str, allowed: tuple[int, ...], where: str) -> int:
+    value = _get(record, key, int, where)
+    if value not in allowed:
+        raise ValueError(f"{where}: field '{key}' must be one of {allowed}, got {value}")
+    return value
+
+
+def _explicit_id(record: dict, where: str) -> str | None:
+    if "id" not in record:
+        return None
+    pair_id = str(_get(record, "id", (str, int), where))
+    if not pair_id.strip():
+        raise ValueError(f"{where}: field 'id' is empty")
+    return pair_id
+
+
+def _render(messages: list[dict], template: str, where: str) -> str:
+    try:
+        prompt = format_chat(messages, template)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if prompt.startswith(BOS_TEXT):
+        raise ValueError(
+            f"{where}: the prompt starts with a literal {BOS_TEXT!r}; BOS is added as a token id, "
+            "so remove it from the text (a second BOS would follow)"
+        )
+    return prompt
+
+
+def _content_hash(prompt: str, chosen: str, rejected: str) -> str:
+    return hashlib.sha1("\0".join((prompt, chosen, rejected)).encode("utf-8")).hexdigest()
+
+
+def _claim(pair_id: str, where: str, id_lines: dict[str, str]) -> None:
+    if pair_id in id_lines:
+        raise ValueError(f"{where}: duplicate id {pair_id!r}, first used at {id_lines[pair_id]}")
+    id_lines[pair_id] = where
+
+
+def _unused(base: str, taken: dict[str, str]) -> str:
+    """`base`, or `base#2`, `base#3`, ... whichever is free: repeats are kept apart, not merged."""
+    candidate, k = base, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{base}#{k}"
+    return candidate
+
+
+def _skip_reason(chosen: str, rejected: str) -> str:
+    if not chosen.strip() or not rejected.strip():
+        return "empty_response"
+    return "identical_responses" if chosen == rejected else ""
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair],
+    tokenizer: Tokenizer,
+    max_length: int,
+    report: DataReport | None = None,
+) -> tuple[list[TokenizedPair], DataReport]:
+    """Token ids of every pair under the truncation rule in the module docstring.
+
+    One BOS starts the prompt, shared by both responses; one EOS ends each uncut response. Returns
+    the kept pairs in order and a report that continues `report` (a copy; `report` is not changed).
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    base = DataReport(len(pairs)) if report is None else report
+    report = DataReport(base.read, 0, dict(base.skipped))
+    seen: dict[str, str] = {}
+    quiet = len(pairs) < 1000 or not sys.stderr.isatty()
+    kept = []
+    for pair in tqdm(pairs, desc="tokenize", unit="pair", disable=quiet):
+        if pair.id in seen:
+            raise ValueError(f"{pair.source}: duplicate id {pair.id!r}, also at {seen[pair.id]}")
+        seen[pair.id] = pair.source
+        prompt_ids, chosen_ids = tokenizer.encode_prompt_response(pair.prompt, pair.chosen)
+        prompt_again, rejected_ids = tokenizer.encode_prompt_response(pair.prompt, pair.rejected)
+        assert prompt_ids == prompt_again, "prompt ids must not depend on the response"
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            report.skip("prompt_too_long")
+            continue
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        if chosen_ids == rejected_ids:
+            report.skip("identical_after_truncation")
+            continue
+        kept.append(
+            TokenizedPair(pair.id, tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids))
+        )
+    report.used = len(kept)
+    return kept, report
+
+
+def inject_noise(
+    pairs: list[PreferencePair], noise: float, seed: int
+) -> tuple[list[PreferencePair], dict[str, bool]]:
+    """Symmetric label noise: swap chosen/rejected of each pair with probability `noise`.
+
+    A pair's flip is a function of (seed, id) alone, so it does not depend on the other pairs or
+    their order. Returns the pairs in the same order with the same ids, and {id: flipped}.
+    """
+    if not 0.0 <= noise < 0.5:
+        raise ValueError(f"noise must be in [0, 0.5), got {noise!r}")
+    noisy, flips = [], {}
+    for pair in pairs:
+        if pair.id in flips:
+            raise ValueError(f"{pair.source}: duplicate id {pair.id!r}; flips are keyed by id")
+        flips[pair.id] = _uniform(seed, pair.id) < noise
+        noisy.append(
+            replace(pair, chosen=pair.rejected, rejected=pair.chosen) if flips[pair.id] else pair
+        )
+    return noisy, flips
+
+
+def _uniform(seed: int, pair_id: str) -> float:
+    """A number in [0, 1) that is uniform over ids and fixed by (seed, id)."""
+    digest = hashlib.sha256(f"{seed}\0{pair_id}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
+
+
+def write_pairs_jsonl(pairs: list[PreferencePair], path: str | Path) -> None:
+    """Write pairs in the "plain" format; load_pairs(path, "plain", "plain") reads them back
+    unchanged (ids included; the prompts are already rendered, so use the "plain" template)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as file:
+        for p in pairs:
+            record = {"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
