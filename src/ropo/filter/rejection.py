@@ -44,6 +44,7 @@ def rejection_sample(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator,
+    vocab_limit: int | None = None,
     prompts_per_batch: int = 8,
 ) -> SampledPairs:
     """One new pair per distinct prompt of `dropped`, id "<pair id>@rs<round>".
@@ -70,6 +71,7 @@ def rejection_sample(
             eos_id=eos_id,
             pad_id=pad_id,
             generator=generator,
+            vocab_limit=vocab_limit,
         )
         samples = [s if s else [eos_id] for s in samples]  # an empty sample is just "stop"
         batch = collate_sequences(prompts, samples, pad_id)

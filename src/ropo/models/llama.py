@@ -1,0 +1,397 @@
+"""The Llama/Mistral decoder: token ids -> hidden states -> logits for every position.
+
+Built from a checkpoint's config.json (load.py fills the weights); log-prob code calls it on
+right-padded batches, and sample.py drives it with a KVCache. Mistral = Llama + sliding window.
+
+Notation: B batch, T new tokens, S key slots (cached + new), H query heads, K kv heads,
+D head_dim, C model width, V vocab.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+MODEL_TYPES = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+# What transformers assumes when config.json leaves a field out; it differs by model type.
+HF_DEFAULTS = {
+    "llama": dict(num_key_value_heads=None, max_position_embeddings=2048, sliding_window=None),
+    "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072, sliding_window=4096),
+}
+# Fields that would change the math if set otherwise; we refuse rather than silently ignore them.
+MUST_BE = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False, None),
+    "mlp_bias": (False, None),
+    "pretraining_tp": (1, None),
+    "rope_scaling": (None,),
+    "attention_dropout": (0.0, None),
+    "quantization_config": (None,),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    sliding_window: int | None
+    tie_word_embeddings: bool
+    architecture: str  # "LlamaForCausalLM" | "MistralForCausalLM"
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in MODEL_TYPES:
+            raise ValueError(f"architecture={self.architecture!r}; supported: {ARCHITECTURES}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a Hugging Face config.json dict; unsupported settings raise ValueError."""
+        model_type = _model_type(hf, source)
+        for field, allowed in MUST_BE.items():
+            if field in hf and hf[field] not in allowed:
+                raise ValueError(
+                    f"{source}: {field}={hf[field]!r} is not supported (need one of {allowed})"
+                )
+        for field in (*REQUIRED, "num_attention_heads"):
+            if hf.get(field) is None:
+                raise ValueError(f"{source}: required field {field!r} is missing")
+        defaults = HF_DEFAULTS[model_type]
+        if model_type == "llama" and hf.get("sliding_window") is not None:
+            raise ValueError(
+                f"{source}: sliding_window={hf['sliding_window']!r} on a Llama "
+                "model; transformers ignores it there, so we refuse to guess"
+            )
+        n_heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id", 2)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or defaults["num_key_value_heads"] or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(hf, source),
+            max_position_embeddings=hf.get(
+                "max_position_embeddings", defaults["max_position_embeddings"]
+            ),
+            sliding_window=hf.get("sliding_window", defaults["sliding_window"]),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            architecture=ARCHITECTURES[model_type],
+            bos_token_id=hf.get("bos_token_id", 1),
+            # Several stop ids (a list) are a generation concern; the first is the canonical EOS.
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers 4.x and 5.x load as the same network."""
+        model_type = MODEL_TYPES[self.architecture]
+        hf = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            # 4.x reads rope_theta, 5.x reads rope_parameters; write both so either loads it.
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        else:
+            hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        return hf
+
+    def num_params(self) -> int:
+        """Parameter count; a tied LM head is counted once."""
+        C, HD, KD = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = C * HD + 2 * C * KD + HD * C
+        mlp = 3 * C * self.intermediate_size
+        embeddings = self.vocab_size * C * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.n_layers * (attention + mlp + 2 * C) + C
+
+
+def _model_type(hf: dict, source: str) -> str:
+    archs, model_type = hf.get("architectures"), hf.get("model_type")
+    if archs is not None:  # the class transformers would build decides
+        arch_type = MODEL_TYPES.get(archs[0]) if len(archs) == 1 else None
+        if arch_type is None or model_type not in (None, arch_type):
+            raise ValueError(
+                f"{source}: architectures={archs!r} with model_type={model_type!r} "
+                f"is not supported; supported: {ARCHITECTURES}"
+            )
+        return arch_type
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"{source}: model_type={model_type!r} is not supported; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    return model_type
+
+
+def _rope_theta(hf: dict, source: str) -> float:
+    # transformers 4.x writes rope_theta; 5.x writes rope_parameters={"rope_type", "rope_theta"}.
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default" or set(params) - {"rope_type", "type", "rope_theta"}:
+        raise ValueError(
+            f"{source}: rope_parameters={params!r} is not supported "
+            "(only plain RoPE: rope_type 'default' with rope_theta)"
+        )
+    if float(hf.get("rope_theta", theta)) != float(theta):
+        raise ValueError(
+            f"{source}: rope_theta={hf['rope_theta']!r} disagrees with "
+            f"rope_parameters.rope_theta={theta!r}"
+        )
+    return float(theta)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated and filled left to right by forward calls.
+
+    key_mask (B, S_max) remembers which slots hold real tokens; `length` is how many slots the
+    earlier calls filled. The caller creates it and passes it to Transformer.forward.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def append_keys(self, new_keys: Tensor) -> Tensor:
+        """Record which of this call's T tokens are real; return the mask of all keys (B, S)."""
+        end = self.length + new_keys.shape[1]
+        if end > self.key_mask.shape[1]:
+            raise ValueError(f"KVCache has {self.key_mask.shape[1]} slots, {end} are needed")
+        self.key_mask[:, self.length : end] = new_keys
+        return self.key_mask[:, :end]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this call's k, v (B, K, T, D) after the cached slots; return all (B, K, S, D)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # HF order: statistics in fp32, cast back to the input dtype, and only then scale.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, D) for integer positions (B, T), computed in fp32 then cast to dtype."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+    inv_freq = (1.0 / theta**exponents).to(positions.device)  # (D/2,), made on CPU as in HF
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): half-split layout of HF weights
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, heads, D) pairing dim j with j + D/2 (rotate-half, as HF checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def build_attention_mask(
+    key_mask: Tensor, q_start: int, T: int, sliding_window: int | None
+) -> Tensor:
+    """Boolean (B, 1, T, S) from key_mask (B, S): True where a query may read a key.
+
+    Allowed = causal & real key & (q - k < sliding_window). Slots index the sequence as laid out,
+    left padding included, so the band equals transformers' Mistral mask for every real token.
+    """
+    S = key_mask.shape[1]
+    q_slot = torch.arange(q_start, q_start + T, device=key_mask.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    allowed = k_slot <= q_slot  # (T, S)
+    if sliding_window is not None:
+        allowed = allowed & (q_slot - k_slot < sliding_window)
+    allowed = allowed[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
+    # A padding query with every key masked would give NaN, which later layers would spread
+    # through zero-weighted values into real rows; letting it see itself keeps it finite.
+    return allowed | (k_slot == q_slot)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which KVCache slot this layer writes
+        C, H, K, D = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
+        self.wq = nn.Linear(C, H * D, bias=False)
+        self.wk = nn.Linear(C, K * D, bias=False)
+        self.wv = nn.Linear(C, K * D, bias=False)
+        self.wo = nn.Linear(H * D, C, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D)
+        k = self.wk(x).view(B, T, K, D)
+        v = self.wv(x).view(B, T, K, D)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, K, T, D)
+        v = v.transpose(1, 2)  # (B, K, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # GQA: query head h reads kv head h // (H / K); `.repeat` would give h % K instead.
+        k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        scale = 1.0 / math.sqrt(D)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.wo(out)  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate_proj
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down_proj
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        # Recompute each block in backward instead of storing its activations (training only).
+        self.activation_checkpointing = activation_checkpointing
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, C) for input_ids (B, T).
+
+        attention_mask (B, T): 1 real, 0 pad. positions (B, T): RoPE positions, needed with left
+        padding; default counts on from the cache length. kv_cache continues earlier calls.
+        """
+        B, T = input_ids.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.tok_embeddings(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = self._mask(input_ids, attention_mask, kv_cache)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) for every position; no loss, nothing kept between calls."""
+        return self.output(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+
+    def _mask(
+        self, input_ids: Tensor, attention_mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor | None:
+        # None selects SDPA's is_causal fast path: no padding, no cache, window not reached.
+        T = input_ids.shape[1]
+        window = self.config.sliding_window
+        if kv_cache is None and attention_mask is None and (window is None or T <= window):
+            return None
+        new_keys = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            new_keys = attention_mask.bool()  # (B, T)
+        if kv_cache is None:
+            return build_attention_mask(new_keys, 0, T, window)
+        return build_attention_mask(kv_cache.append_keys(new_keys), kv_cache.length, T, window)

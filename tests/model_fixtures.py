@@ -1,0 +1,98 @@
+"""Tiny random Llama/Mistral models for the model tests; transformers is only the oracle here.
+
+Every weight is random, norm scales included, so a swapped or misnamed tensor changes logits.
+"""
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from ropo.models.llama import ModelConfig, Transformer
+
+HF_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+TINY = {
+    "vocab_size": 160,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+}
+# name -> (model type, overrides of TINY): the parity matrix of the brief.
+CASES = {
+    "mha": ("llama", {}),
+    "gqa": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 2}),
+    "rope_theta_1e6": ("llama", {"rope_theta": 1e6}),
+    "mistral_window": (
+        "mistral",
+        {"num_attention_heads": 8, "num_key_value_heads": 2, "sliding_window": 5},
+    ),
+    "mistral_no_window": ("mistral", {"sliding_window": None}),
+    "tied": ("llama", {"tie_word_embeddings": True}),
+    "head_dim_32": ("llama", {"head_dim": 32}),  # hidden / heads would be 16
+}
+
+
+def hf_config(kind: str = "llama", **overrides: object) -> transformers.PretrainedConfig:
+    config_class, _ = HF_CLASSES[kind]
+    # eager is the plainest attention in transformers, so the oracle does not hide behind a kernel
+    return config_class(**(TINY | overrides), attn_implementation="eager")
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter in place: norm scales near 1, everything else N(0, 0.15^2)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.3 * noise if "norm" in name else 0.15 * noise)
+    return model
+
+
+def hf_model(
+    kind: str = "llama", seed: int = 0, **overrides: object
+) -> transformers.PreTrainedModel:
+    """A tiny transformers model with random weights, in eval mode."""
+    transformers.utils.logging.disable_progress_bar()
+    _, model_class = HF_CLASSES[kind]
+    return randomize_(model_class(hf_config(kind, **overrides)), seed).eval()
+
+
+def our_model(kind: str = "llama", seed: int = 0, **overrides: object) -> Transformer:
+    """A tiny ropo Transformer with random weights, configured through ModelConfig.from_hf."""
+    config = ModelConfig.from_hf(hf_config(kind, **overrides).to_dict(), source="test")
+    return randomize_(Transformer(config), seed).eval()
+
+
+def save_hf(model: transformers.PreTrainedModel, path: Path, **kwargs: object) -> Path:
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def load_hf(path: Path, kind: str = "llama") -> transformers.PreTrainedModel:
+    transformers.utils.logging.disable_progress_bar()
+    _, model_class = HF_CLASSES[kind]
+    return model_class.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def random_ids(
+    batch: int, length: int, vocab: int = TINY["vocab_size"], seed: int = 0
+) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(
+    model: transformers.PreTrainedModel, ids: torch.Tensor, **kwargs: object
+) -> torch.Tensor:
+    return model(input_ids=ids, **kwargs).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
