@@ -16,8 +16,13 @@ import torch
 from ropo.models import ModelConfig, Transformer, save_model
 from ropo.models.tokenizer import train_tokenizer
 
-WORDS = ("apple banana cherry delta echo fox golf hotel india juliet kilo lima mike november "
-         "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+# The test models are tiny: a second thread only adds contention on a shared 2-core machine.
+torch.set_num_threads(1)
+
+WORDS = (
+    "apple banana cherry delta echo fox golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
 
 
 def _sentences(rng: random.Random, n: int) -> list[str]:
@@ -29,14 +34,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An HF-layout model directory: config.json, model.safetensors, tokenizer.model."""
     root = tmp_path_factory.mktemp("tiny_model")
     rng = random.Random(0)
-    tokenizer = train_tokenizer(_sentences(rng, 400) + ["Question: Answer:"], root / "tok",
-                                vocab_size=300)
+    tokenizer = train_tokenizer(
+        _sentences(rng, 400) + ["Question: Answer:"], root / "tok", vocab_size=300
+    )
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                         intermediate_size=64, norm_eps=1e-5, rope_theta=10000.0,
-                         max_position_embeddings=256, sliding_window=None,
-                         tie_word_embeddings=False, architecture="LlamaForCausalLM",
-                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        architecture="LlamaForCausalLM",
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
     model_dir = root / "model"
     save_model(Transformer(config), model_dir)
     shutil.copy(root / "tok" / "tokenizer.model", model_dir / "tokenizer.model")
@@ -50,8 +68,12 @@ def write_synthetic_pairs(path: Path, n: int, seed: int = 0) -> Path:
         for i in range(n):
             words = [rng.choice(WORDS) for _ in range(3)]
             other = rng.choice([w for w in WORDS if w != words[0]])
-            record = {"id": f"p{i}", "prompt": "Question: " + " ".join(words) + " Answer:",
-                      "chosen": f" {words[0]} {words[0]}", "rejected": f" {other} {other}"}
+            record = {
+                "id": f"p{i}",
+                "prompt": "Question: " + " ".join(words) + " Answer:",
+                "chosen": f" {words[0]} {words[0]}",
+                "rejected": f" {other} {other}",
+            }
             handle.write(json.dumps(record) + "\n")
     return path
 

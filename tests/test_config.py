@@ -69,9 +69,26 @@ def test_every_key_is_documented() -> None:
     for key, (_, field) in KEYS.items():
         assert field.metadata["help"], key
         assert key in table
-    for required in ("model", "data", "format", "noise", "loss", "beta", "alpha", "rho", "rounds",
-                     "epochs", "lr", "batch_size", "max_length", "seed", "out", "resume",
-                     "device", "dtype"):
+    for required in (
+        "model",
+        "data",
+        "format",
+        "noise",
+        "loss",
+        "beta",
+        "alpha",
+        "rho",
+        "rounds",
+        "epochs",
+        "lr",
+        "batch_size",
+        "max_length",
+        "seed",
+        "out",
+        "resume",
+        "device",
+        "dtype",
+    ):
         assert required in KEYS
 
 

@@ -11,11 +11,23 @@ from ropo.models import ModelConfig, Transformer
 
 def tiny_model(vocab: int = 50) -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=8, intermediate_size=64, norm_eps=1e-5, rope_theta=10000.0,
-                         max_position_embeddings=128, sliding_window=None,
-                         tie_word_embeddings=False, architecture="LlamaForCausalLM",
-                         bos_token_id=1, eos_token_id=2)
+    config = ModelConfig(
+        vocab_size=vocab,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        architecture="LlamaForCausalLM",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Transformer(config)
 
 
@@ -47,10 +59,13 @@ def test_summed_logps_equal_unbatched_computation() -> None:
     with torch.no_grad():
         logps = response_logps(model, collate_pairs(PAIRS, pad_id=0))
     for i, pair in enumerate(PAIRS):
-        assert abs(logps.chosen[i].item() - naive_logp(model, pair.prompt_ids,
-                                                       pair.chosen_ids)) < 1e-4
-        assert abs(logps.rejected[i].item() - naive_logp(model, pair.prompt_ids,
-                                                         pair.rejected_ids)) < 1e-4
+        assert (
+            abs(logps.chosen[i].item() - naive_logp(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
+        )
+        assert (
+            abs(logps.rejected[i].item() - naive_logp(model, pair.prompt_ids, pair.rejected_ids))
+            < 1e-4
+        )
     assert logps.chosen_tokens.tolist() == [3.0, 5.0]
     assert logps.rejected_tokens.tolist() == [2.0, 3.0]
     mean = logps.mean()
@@ -63,11 +78,17 @@ def test_chunked_head_gives_same_values_and_gradients() -> None:
     results = []
     for chunk in (1, 3, 1024):
         model.zero_grad()
-        sums, _ = sequence_logps(model, batch.input_ids, batch.attention_mask,
-                                 batch.response_mask, chunk_tokens=chunk)
+        sums, _ = sequence_logps(
+            model, batch.input_ids, batch.attention_mask, batch.response_mask, chunk_tokens=chunk
+        )
         sums.sum().backward()
-        results.append((sums.detach(), model.output.weight.grad.clone(),
-                        model.tok_embeddings.weight.grad.clone()))
+        results.append(
+            (
+                sums.detach(),
+                model.output.weight.grad.clone(),
+                model.tok_embeddings.weight.grad.clone(),
+            )
+        )
     for sums, head_grad, emb_grad in results[1:]:
         assert torch.allclose(sums, results[0][0], atol=1e-5)
         assert torch.allclose(head_grad, results[0][1], atol=1e-5)
@@ -77,8 +98,10 @@ def test_chunked_head_gives_same_values_and_gradients() -> None:
 def test_score_pairs_keeps_input_order_and_restores_train_mode() -> None:
     model = tiny_model().train()
     pairs = PAIRS * 3
-    pairs = [TokenizedPair(f"{p.id}{i}", p.prompt_ids, p.chosen_ids, p.rejected_ids)
-             for i, p in enumerate(pairs)]
+    pairs = [
+        TokenizedPair(f"{p.id}{i}", p.prompt_ids, p.chosen_ids, p.rejected_ids)
+        for i, p in enumerate(pairs)
+    ]
     scored = score_pairs(model, pairs, batch_size=2, pad_id=0)
     assert model.training
     with torch.no_grad():

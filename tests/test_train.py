@@ -18,24 +18,58 @@ from ropo.filter.weights import keep_count
 from ropo.models import load_model, load_tokenizer
 from ropo.train import train
 
-AUDIT_FIELDS = {"id", "round", "policy_chosen_logp", "policy_rejected_logp", "ref_chosen_logp",
-                "ref_rejected_logp", "margin", "loss", "weight", "kept", "flipped"}
+AUDIT_FIELDS = {
+    "id",
+    "round",
+    "policy_chosen_logp",
+    "policy_rejected_logp",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+    "margin",
+    "loss",
+    "weight",
+    "kept",
+    "flipped",
+}
 
 
 def run_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model={model_dir}", f"data={data}", f"out={out}", "batch_size=8", "lr=3e-3",
-            "warmup_ratio=0", "max_length=64", "log_every=1", *extra]
+    return [
+        f"model={model_dir}",
+        f"data={data}",
+        f"out={out}",
+        "batch_size=8",
+        "lr=3e-3",
+        "warmup_ratio=0",
+        "max_length=64",
+        "log_every=1",
+        *extra,
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_ropo_run_writes_the_documented_audit(tiny_model_dir: Path, tiny_pairs_file: Path,
-                                              tmp_path: Path) -> None:
+def test_ropo_run_writes_the_documented_audit(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, out, "loss=ropo",
-                                     "rounds=3", "rho=0.25", "noise=0.25", "epochs=2")))
+    train(
+        load_config(
+            None,
+            run_args(
+                tiny_model_dir,
+                tiny_pairs_file,
+                out,
+                "loss=ropo",
+                "rounds=3",
+                "rho=0.25",
+                "noise=0.25",
+                "epochs=2",
+            ),
+        )
+    )
     records = read_jsonl(out / "pairs.jsonl")
     flips = json.loads((out / "flips.json").read_text())
     n = len(flips)
@@ -62,12 +96,26 @@ def test_ropo_run_writes_the_documented_audit(tiny_model_dir: Path, tiny_pairs_f
     assert (out / "final" / "tokenizer.model").is_file()
 
 
-def test_training_lowers_the_loss(tiny_model_dir: Path, tiny_pairs_file: Path,
-                                  tmp_path: Path) -> None:
+def test_training_lowers_the_loss(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "dpo"
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, out, "loss=dpo",
-                                     "rounds=1", "rho=0", "epochs=5", "schedule=constant",
-                                     "beta=0.5")))
+    train(
+        load_config(
+            None,
+            run_args(
+                tiny_model_dir,
+                tiny_pairs_file,
+                out,
+                "loss=dpo",
+                "rounds=1",
+                "rho=0",
+                "epochs=5",
+                "schedule=constant",
+                "beta=0.5",
+            ),
+        )
+    )
     log = read_jsonl(out / "train_log.jsonl")
     assert abs(log[0]["loss"] - math.log(2)) < 1e-4  # policy == reference at step 0
     assert log[0]["reward_accuracy"] == 0.0  # ties count as wrong
@@ -78,14 +126,29 @@ def test_training_lowers_the_loss(tiny_model_dir: Path, tiny_pairs_file: Path,
     assert final_round["reward_accuracy"] > 0.8  # from 0.0 at the start
 
 
-def test_dpo_through_the_loop_equals_a_plain_dpo_loop(tiny_model_dir: Path,
-                                                      tiny_pairs_file: Path,
-                                                      tmp_path: Path) -> None:
+def test_dpo_through_the_loop_equals_a_plain_dpo_loop(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
+) -> None:
     """loss=dpo rounds=1 rho=0, full batch, constant lr: the same weights as DPO written out."""
     out = tmp_path / "loop"
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, out, "loss=dpo",
-                                     "rounds=1", "rho=0", "epochs=3", "batch_size=48",
-                                     "schedule=constant", "max_grad_norm=0", "beta=0.5")))
+    train(
+        load_config(
+            None,
+            run_args(
+                tiny_model_dir,
+                tiny_pairs_file,
+                out,
+                "loss=dpo",
+                "rounds=1",
+                "rho=0",
+                "epochs=3",
+                "batch_size=48",
+                "schedule=constant",
+                "max_grad_norm=0",
+                "beta=0.5",
+            ),
+        )
+    )
     tokenizer = load_tokenizer(tiny_model_dir)
     pairs, _ = tokenize_pairs(load_pairs(tiny_pairs_file)[0], tokenizer, 64)
     policy, reference = load_model(tiny_model_dir), load_model(tiny_model_dir)
@@ -99,13 +162,19 @@ def test_dpo_through_the_loop_equals_a_plain_dpo_loop(tiny_model_dir: Path,
         return token_logps[len(prompt) - 1 :].gather(1, targets[len(prompt) - 1 :, None]).sum()
 
     with torch.no_grad():
-        ref = [(logp(reference, p.prompt_ids, p.chosen_ids),
-                logp(reference, p.prompt_ids, p.rejected_ids)) for p in pairs]
+        ref = [
+            (
+                logp(reference, p.prompt_ids, p.chosen_ids),
+                logp(reference, p.prompt_ids, p.rejected_ids),
+            )
+            for p in pairs
+        ]
     for _ in range(3):
         losses = []
         for pair, (ref_chosen, ref_rejected) in zip(pairs, ref, strict=True):
             margin = (logp(policy, pair.prompt_ids, pair.chosen_ids) - ref_chosen) - (
-                logp(policy, pair.prompt_ids, pair.rejected_ids) - ref_rejected)
+                logp(policy, pair.prompt_ids, pair.rejected_ids) - ref_rejected
+            )
             losses.append(-F.logsigmoid(0.5 * margin))
         torch.stack(losses).mean().backward()
         optimizer.step()
@@ -115,9 +184,9 @@ def test_dpo_through_the_loop_equals_a_plain_dpo_loop(tiny_model_dir: Path,
         assert torch.allclose(ours[name], value, atol=2e-5), name
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir: Path,
-                                                     tiny_pairs_file: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_to_the_same_weights(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = ("loss=ropo", "rounds=2", "rho=0.25", "noise=0.2", "epochs=2", "save_every=3")
     full = tmp_path / "full"
     train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, full, *args)))
@@ -145,9 +214,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir: Path,
     assert len(read_jsonl(broken / "train_log.jsonl")) == len(read_jsonl(full / "train_log.jsonl"))
 
 
-def test_reference_cache_is_reused_and_invalidated(tiny_model_dir: Path, tiny_pairs_file: Path,
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_cache_is_reused_and_invalidated(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     loads = {"n": 0}
     real_load = train_module.reference_logps.__globals__["load_model"]
@@ -161,39 +230,58 @@ def test_reference_cache_is_reused_and_invalidated(tiny_model_dir: Path, tiny_pa
     train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "a", *common)))
     train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "b", *common)))
     assert loads["n"] == 1  # the second run read the cache
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "c", *common,
-                                     "max_length=48")))
+    train(
+        load_config(
+            None,
+            run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "c", *common, "max_length=48"),
+        )
+    )
     assert loads["n"] == 2  # other truncation, other token ids: recomputed, not stale
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 
-def test_rejection_sampling_adds_pairs_for_dropped_prompts(tiny_model_dir: Path,
-                                                           tiny_pairs_file: Path,
-                                                           tmp_path: Path) -> None:
+def test_rejection_sampling_adds_pairs_for_dropped_prompts(
+    tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "rs"
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, out, "loss=ropo",
-                                     "rounds=2", "rho=0.25", "rejection_sampling=true",
-                                     "rs_k=3", "rs_max_new_tokens=6")))
+    train(
+        load_config(
+            None,
+            run_args(
+                tiny_model_dir,
+                tiny_pairs_file,
+                out,
+                "loss=ropo",
+                "rounds=2",
+                "rho=0.25",
+                "rejection_sampling=true",
+                "rs_k=3",
+                "rs_max_new_tokens=6",
+            ),
+        )
+    )
     sampled = read_jsonl(out / "sampled_pairs.jsonl")
-    dropped = {r["id"] for r in read_jsonl(out / "pairs.jsonl") if r["round"] == 0 and
-               not r["kept"]}
+    dropped = {
+        r["id"] for r in read_jsonl(out / "pairs.jsonl") if r["round"] == 0 and not r["kept"]
+    }
     assert sampled and len(sampled) <= len(dropped)
     for record in sampled:
         source = record["id"].split("@rs")[0]
         assert source in dropped and record["chosen_ids"] != record["rejected_ids"]
 
 
-def test_cli_reports_bad_data_with_file_and_line(tiny_model_dir: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_cli_reports_bad_data_with_file_and_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
     assert main(["train", f"model={tiny_model_dir}", f"data={data}", f"out={tmp_path}/o"]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_missing_preset_says_where_to_put_the_weights(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_missing_preset_says_where_to_put_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv("MODELS_DIR", str(tmp_path / "models"))
     assert main(["train", "model=llama2-7b", "data=ultrafeedback", f"out={tmp_path}/o"]) == 2
     err = capsys.readouterr().err

@@ -27,8 +27,9 @@ from ropo.filter.weights import DropDecision
 from ropo.logps import PairLogps
 
 
-def write_run_info(out: Path, resolved_config: dict[str, Any], data_fingerprint: str,
-                   data_report: str) -> None:
+def write_run_info(
+    out: Path, resolved_config: dict[str, Any], data_fingerprint: str, data_report: str
+) -> None:
     """Write `<out>/run.json`: config, versions, git revision, data fingerprint and counts."""
     versions = {}
     for package in ("ropo", "torch", "sentencepiece", "safetensors", "numpy", "pyyaml", "tqdm"):
@@ -38,8 +39,7 @@ def write_run_info(out: Path, resolved_config: dict[str, Any], data_fingerprint:
             versions[package] = None
     info = {
         "config": resolved_config,
-        "versions": {"python": sys.version.split()[0], "platform": platform.platform(),
-                     **versions},
+        "versions": {"python": sys.version.split()[0], "platform": platform.platform(), **versions},
         "git_revision": _git_revision(),
         "data_fingerprint": data_fingerprint,
         "data_report": data_report,
@@ -51,40 +51,59 @@ def write_run_info(out: Path, resolved_config: dict[str, Any], data_fingerprint:
 def _git_revision() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=False)
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
 
 
-def pair_records(round_idx: int, ids: Sequence[str], policy: PairLogps, reference: PairLogps,
-                 losses: Tensor, decision: DropDecision, beta: float,
-                 flips: Mapping[str, bool] | None) -> list[dict[str, Any]]:
+def pair_records(
+    round_idx: int,
+    ids: Sequence[str],
+    policy: PairLogps,
+    reference: PairLogps,
+    losses: Tensor,
+    decision: DropDecision,
+    beta: float,
+    flips: Mapping[str, bool] | None,
+) -> list[dict[str, Any]]:
     """One audit record per pair (the fields documented in the README)."""
     margins = _margins(policy, reference)
     weights = decision.weights.tolist()
     records = []
     for i, pair_id in enumerate(ids):
-        records.append({
-            "id": pair_id,
-            "round": round_idx,
-            "policy_chosen_logp": policy.chosen[i].item(),
-            "policy_rejected_logp": policy.rejected[i].item(),
-            "ref_chosen_logp": reference.chosen[i].item(),
-            "ref_rejected_logp": reference.rejected[i].item(),
-            "margin": margins[i].item(),
-            "reward_margin": beta * margins[i].item(),
-            "loss": losses[i].item(),
-            "weight": weights[i],
-            "kept": weights[i] > 0,
-            "flipped": None if flips is None else bool(flips[pair_id]),
-        })
+        records.append(
+            {
+                "id": pair_id,
+                "round": round_idx,
+                "policy_chosen_logp": policy.chosen[i].item(),
+                "policy_rejected_logp": policy.rejected[i].item(),
+                "ref_chosen_logp": reference.chosen[i].item(),
+                "ref_rejected_logp": reference.rejected[i].item(),
+                "margin": margins[i].item(),
+                "reward_margin": beta * margins[i].item(),
+                "loss": losses[i].item(),
+                "weight": weights[i],
+                "kept": weights[i] > 0,
+                "flipped": None if flips is None else bool(flips[pair_id]),
+            }
+        )
     return records
 
 
-def round_metrics(round_idx: int, records: Sequence[dict[str, Any]], decision: DropDecision,
-                  flips: Mapping[str, bool] | None, extra: dict[str, Any]) -> dict[str, Any]:
+def round_metrics(
+    round_idx: int,
+    records: Sequence[dict[str, Any]],
+    decision: DropDecision,
+    flips: Mapping[str, bool] | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """Summary of one round: losses, reward accuracy and, when flips are known, detection quality.
 
     reward accuracy = share of pairs whose policy-vs-reference margin is strictly positive.
@@ -107,14 +126,16 @@ def round_metrics(round_idx: int, records: Sequence[dict[str, Any]], decision: D
     if flips is not None:
         flipped = torch.tensor([flips[r["id"]] for r in records])
         precision, recall = drop_precision_recall(decision.dropped_ids, flips)
-        summary.update({
-            "n_flipped": int(flipped.sum()),
-            "drop_precision": precision,
-            "drop_recall": recall,
-            "loss_auroc_flipped": auroc(losses.tolist(), flipped.tolist()),
-            "reward_accuracy_clean": reward_accuracy(margins[~flipped]),
-            "reward_accuracy_flipped": reward_accuracy(margins[flipped]),
-        })
+        summary.update(
+            {
+                "n_flipped": int(flipped.sum()),
+                "drop_precision": precision,
+                "drop_recall": recall,
+                "loss_auroc_flipped": auroc(losses.tolist(), flipped.tolist()),
+                "reward_accuracy_clean": reward_accuracy(margins[~flipped]),
+                "reward_accuracy_flipped": reward_accuracy(margins[flipped]),
+            }
+        )
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
 
 
@@ -135,8 +156,14 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One terminal line per round."""
-    shown = ["n_kept", "loss_mean", "reward_accuracy", "drop_precision", "drop_recall",
-             "loss_auroc_flipped"]
+    shown = [
+        "n_kept",
+        "loss_mean",
+        "reward_accuracy",
+        "drop_precision",
+        "drop_recall",
+        "loss_auroc_flipped",
+    ]
     parts = [f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics]
     return f"round {metrics['round'] + 1}: " + " ".join(parts)
 

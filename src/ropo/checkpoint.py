@@ -25,9 +25,14 @@ from ropo.models.load import load_model, save_model
 MANIFEST = "manifest.json"
 
 
-def save_checkpoint(run_dir: Path, name: str, model: Transformer,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
     """Write checkpoint `name` under run_dir/checkpoints atomically and point LATEST at it."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -71,13 +76,15 @@ def verify_checkpoint(path: Path) -> None:
     manifest = json.loads(manifest_path.read_text())
     for name, digest in manifest.items():
         if not (path / name).is_file() or _sha256(path / name) != digest:
-            raise ValueError(f"checkpoint {path}: {name} is missing or does not match its "
-                             f"checksum; the checkpoint is damaged")
+            raise ValueError(
+                f"checkpoint {path}: {name} is missing or does not match its "
+                f"checksum; the checkpoint is damaged"
+            )
 
 
-def load_checkpoint(path: Path, optimizer_for: Any, dtype: torch.dtype | None,
-                    device: str | torch.device) -> tuple[Transformer, torch.optim.Optimizer,
-                                                         dict[str, Any]]:
+def load_checkpoint(
+    path: Path, optimizer_for: Any, dtype: torch.dtype | None, device: str | torch.device
+) -> tuple[Transformer, torch.optim.Optimizer, dict[str, Any]]:
     """Model, optimizer (built by `optimizer_for(model)`, then restored) and state of `path`."""
     verify_checkpoint(path)
     model = load_model(path, dtype=dtype, device=device)
@@ -140,8 +147,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
-    done = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.stat().st_mtime)
+    done = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+    )
     for old in done[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)

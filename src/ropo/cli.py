@@ -15,8 +15,9 @@ from ropo.config import describe_keys, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ropo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ropo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train DPO/ROPO on preference pairs")
     train_parser.add_argument("--config", help="YAML file of key: value settings")

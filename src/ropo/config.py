@@ -26,11 +26,17 @@ def _key(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = _key("", "HF model directory (config.json, safetensors, tokenizer.model) or a "
-                          "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR")
+    model: str = _key(
+        "",
+        "HF model directory (config.json, safetensors, tokenizer.model) or a "
+        "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR",
+    )
     dtype: str = _key("float32", "weights dtype: float32 | bfloat16 | float16")
-    autocast: str = _key("none", "mixed precision for matmuls: none | bfloat16 (with float32 "
-                                 "weights this is the usual fp32-master / bf16-compute setup)")
+    autocast: str = _key(
+        "none",
+        "mixed precision for matmuls: none | bfloat16 (with float32 "
+        "weights this is the usual fp32-master / bf16-compute setup)",
+    )
     device: str = _key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     activation_checkpointing: bool = _key(False, "recompute each block in backward to save memory")
 
@@ -43,14 +49,17 @@ class ModelSettings:
 class DataSettings:
     data: str = _key("", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR")
     format: str = _key("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = _key("plain", "chat template for message lists: plain | llama2-chat | "
-                                  "mistral-instruct")
+    template: str = _key(
+        "plain", "chat template for message lists: plain | llama2-chat | mistral-instruct"
+    )
     max_length: int = _key(512, "prompt + response tokens; responses are cut at the end to fit")
     noise: float = _key(0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5")
     max_pairs: int = _key(0, "use only the first N pairs of the file (0 = all)")
 
     def __post_init__(self) -> None:
-        _check_choice("format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr"))
+        _check_choice(
+            "format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr")
+        )
         _check_choice("template", self.template, ("plain", "llama2-chat", "mistral-instruct"))
         _check_range("max_length", self.max_length, 2, None)
         _check_range("noise", self.noise, 0.0, 0.5, high_open=True)
@@ -183,8 +192,9 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
         if key not in KEYS:
             hint = difflib.get_close_matches(key, KEYS, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ValueError(f"{where}: unknown config key '{key}'{suggestion}; "
-                             f"`ropo keys` lists them all")
+            raise ValueError(
+                f"{where}: unknown config key '{key}'{suggestion}; `ropo keys` lists them all"
+            )
         section, f = KEYS[key]
         per_section[section][key] = _coerce(key, value, f, where)
     try:
@@ -199,8 +209,9 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
 RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every")
 
 
-def load_config(config_file: str | Path | None, overrides: list[str],
-                base: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    config_file: str | Path | None, overrides: list[str], base: dict[str, Any] | None = None
+) -> RunConfig:
     """Read `base` (a resumed run's config), the YAML file, then `key=value` overrides; validate."""
     values: dict[str, Any] = dict(base or {})
     origins: dict[str, str] = {key: "resumed run.json" for key in values}
@@ -210,7 +221,9 @@ def load_config(config_file: str | Path | None, overrides: list[str],
             raise FileNotFoundError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+            raise ValueError(
+                f"{path}: expected a mapping of key: value, got {type(loaded).__name__}"
+            )
         lines = path.read_text(encoding="utf-8").splitlines()
         for key, value in loaded.items():
             line_no = next((i + 1 for i, line in enumerate(lines) if line.startswith(f"{key}:")), 0)
@@ -225,9 +238,11 @@ def load_config(config_file: str | Path | None, overrides: list[str],
     if base is not None:
         changed = [k for k in values if k not in RESUMABLE_KEYS and values[k] != base.get(k)]
         if changed:
-            raise ValueError(f"resume: {', '.join(changed)} differ from the resumed run's config; "
-                             f"a resumed run must compute the same thing (only "
-                             f"{', '.join(RESUMABLE_KEYS)} may change)")
+            raise ValueError(
+                f"resume: {', '.join(changed)} differ from the resumed run's config; "
+                f"a resumed run must compute the same thing (only "
+                f"{', '.join(RESUMABLE_KEYS)} may change)"
+            )
     return build_config(values, origins)
 
 
@@ -247,8 +262,10 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
     if expected is str and value is None:
         return ""
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: config key '{key}' expects {expected.__name__}, "
-                         f"got {value!r} ({type(value).__name__})")
+        raise ValueError(
+            f"{where}: config key '{key}' expects {expected.__name__}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
@@ -261,8 +278,14 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
 
 
-def _check_range(name: str, value: float, low: float | None, high: float | None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     bad = isinstance(value, float) and not math.isfinite(value)
     if low is not None:
         bad = bad or value < low or (low_open and value == low)

@@ -35,8 +35,12 @@ class PreferenceBatch:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(self.ids, self.input_ids.to(device), self.attention_mask.to(device),
-                               self.response_mask.to(device))
+        return PreferenceBatch(
+            self.ids,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+        )
 
 
 @dataclass
@@ -49,17 +53,29 @@ class PairLogps:
     rejected_tokens: Tensor
 
     def to(self, device: torch.device | str) -> PairLogps:
-        return PairLogps(self.chosen.to(device), self.rejected.to(device),
-                         self.chosen_tokens.to(device), self.rejected_tokens.to(device))
+        return PairLogps(
+            self.chosen.to(device),
+            self.rejected.to(device),
+            self.chosen_tokens.to(device),
+            self.rejected_tokens.to(device),
+        )
 
     def mean(self) -> PairLogps:
         """Length-averaged log-probs (IPO's convention)."""
-        return PairLogps(self.chosen / self.chosen_tokens, self.rejected / self.rejected_tokens,
-                         self.chosen_tokens, self.rejected_tokens)
+        return PairLogps(
+            self.chosen / self.chosen_tokens,
+            self.rejected / self.rejected_tokens,
+            self.chosen_tokens,
+            self.rejected_tokens,
+        )
 
 
-def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                      pad_id: int, pad_to_multiple: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+def collate_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    pad_to_multiple: int = 8,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Right-pad prompt+response rows into (input_ids, attention_mask, response_mask), each (R, T).
 
     Right padding keeps positions 0..n-1 for every row, so no position ids are needed. The padded
@@ -87,14 +103,18 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatc
 
 def response_logps(model: Transformer, batch: PreferenceBatch) -> PairLogps:
     """Summed fp32 log-probs of the chosen and rejected responses of `batch`, (B,) each."""
-    sums, counts = sequence_logps(model, batch.input_ids, batch.attention_mask,
-                                  batch.response_mask)
+    sums, counts = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
     B = batch.num_pairs
     return PairLogps(sums[:B], sums[B:], counts[:B], counts[B:])
 
 
-def sequence_logps(model: Transformer, input_ids: Tensor, attention_mask: Tensor,
-                   response_mask: Tensor, chunk_tokens: int = 1024) -> tuple[Tensor, Tensor]:
+def sequence_logps(
+    model: Transformer,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    chunk_tokens: int = 1024,
+) -> tuple[Tensor, Tensor]:
     """Summed log-prob of the response tokens of each row, (R,), and their count, (R,).
 
     The LM head and log-softmax run only at the M positions that predict a response token, in
@@ -108,11 +128,14 @@ def sequence_logps(model: Transformer, input_ids: Tensor, attention_mask: Tensor
     rows = torch.nonzero(label_mask, as_tuple=True)[0]  # (M,) which row each token is in
     targets = input_ids[:, 1:][label_mask]  # (M,)
     selected = hidden[:, :-1][label_mask]  # (M, C)
-    token_logps = torch.cat([
-        _chunk_logps(model.output.weight, selected[i : i + chunk_tokens],
-                     targets[i : i + chunk_tokens])
-        for i in range(0, selected.shape[0], chunk_tokens)
-    ])  # (M,)
+    token_logps = torch.cat(
+        [
+            _chunk_logps(
+                model.output.weight, selected[i : i + chunk_tokens], targets[i : i + chunk_tokens]
+            )
+            for i in range(0, selected.shape[0], chunk_tokens)
+        ]
+    )  # (M,)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
     sums = sums.index_add(0, rows, token_logps)  # (R,)
     return sums, label_mask.sum(dim=1).to(torch.float32)
@@ -131,8 +154,13 @@ def _chunk_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor) -> Tensor
 
 
 @torch.inference_mode()
-def score_pairs(model: Transformer, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int,
-                desc: str = "scoring") -> PairLogps:
+def score_pairs(
+    model: Transformer,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int,
+    pad_id: int,
+    desc: str = "scoring",
+) -> PairLogps:
     """Summed response log-probs of every pair, (N,) each, in eval mode without autograd.
 
     Pairs are scored in length order so that each batch pads to similar lengths; the result is in

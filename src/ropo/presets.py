@@ -17,21 +17,31 @@ MODEL_PRESETS = {
 }
 DATA_PRESETS = {
     # name: (file under $DATA_DIR, format, where to get it)
-    "ultrafeedback": ("ultrafeedback_binarized/train_prefs.jsonl", "ultrafeedback",
-                      "HuggingFaceH4/ultrafeedback_binarized, split train_prefs"),
-    "alpaca_comparison": ("alpaca_comparison/train.jsonl", "alpaca_comparison",
-                          "tatsu-lab/alpaca_farm, alpaca_human_preference"),
+    "ultrafeedback": (
+        "ultrafeedback_binarized/train_prefs.jsonl",
+        "ultrafeedback",
+        "HuggingFaceH4/ultrafeedback_binarized, split train_prefs",
+    ),
+    "alpaca_comparison": (
+        "alpaca_comparison/train.jsonl",
+        "alpaca_comparison",
+        "tatsu-lab/alpaca_farm, alpaca_human_preference",
+    ),
     "tldr": ("tldr/comparisons.jsonl", "tldr", "openai/summarize_from_feedback, comparisons"),
 }
-MODEL_FILES = "config.json, tokenizer.model and model.safetensors (or model-*.safetensors + " \
-              "model.safetensors.index.json)"
+MODEL_FILES = (
+    "config.json, tokenizer.model and model.safetensors (or model-*.safetensors + "
+    "model.safetensors.index.json)"
+)
 
 
 def resolve_model(name_or_path: str) -> Path:
     """A model directory: the path itself, or $MODELS_DIR/<preset directory>."""
     if not name_or_path:
-        raise ValueError("config key 'model' is empty: give a model directory or one of "
-                         f"{', '.join(MODEL_PRESETS)}")
+        raise ValueError(
+            "config key 'model' is empty: give a model directory or one of "
+            f"{', '.join(MODEL_PRESETS)}"
+        )
     if name_or_path in MODEL_PRESETS:
         subdir, source = MODEL_PRESETS[name_or_path]
         path = Path(os.environ.get("MODELS_DIR", "models")) / subdir
@@ -40,20 +50,24 @@ def resolve_model(name_or_path: str) -> Path:
                 f"model preset '{name_or_path}' expects {MODEL_FILES} in {path.resolve()}.\n"
                 f"Obtain them from the Hugging Face repository {source}, e.g.\n"
                 f"  huggingface-cli download {source.split()[0]} --local-dir {path}\n"
-                f"or set MODELS_DIR to the folder that holds {subdir}/.")
+                f"or set MODELS_DIR to the folder that holds {subdir}/."
+            )
         return path
     path = Path(name_or_path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (expected {MODEL_FILES}; "
-                                f"presets: {', '.join(MODEL_PRESETS)})")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (expected {MODEL_FILES}; "
+            f"presets: {', '.join(MODEL_PRESETS)})"
+        )
     return path
 
 
 def resolve_data(name_or_path: str, format: str) -> tuple[Path, str]:
     """(JSONL file, format): the path itself with `format`, or $DATA_DIR/<preset file>."""
     if not name_or_path:
-        raise ValueError("config key 'data' is empty: give a JSONL file or one of "
-                         f"{', '.join(DATA_PRESETS)}")
+        raise ValueError(
+            f"config key 'data' is empty: give a JSONL file or one of {', '.join(DATA_PRESETS)}"
+        )
     if name_or_path in DATA_PRESETS:
         relative, preset_format, source = DATA_PRESETS[name_or_path]
         path = Path(os.environ.get("DATA_DIR", "data")) / relative
@@ -62,10 +76,12 @@ def resolve_data(name_or_path: str, format: str) -> tuple[Path, str]:
                 f"data preset '{name_or_path}' expects the JSONL file {path.resolve()}.\n"
                 f"Export it from the Hugging Face dataset {source}, e.g. with `datasets`:\n"
                 f"  load_dataset(...).to_json('{path}')\n"
-                f"or set DATA_DIR to the folder that holds {relative}.")
+                f"or set DATA_DIR to the folder that holds {relative}."
+            )
         return path, preset_format
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist (presets: "
-                                f"{', '.join(DATA_PRESETS)})")
+        raise FileNotFoundError(
+            f"data file {path} does not exist (presets: {', '.join(DATA_PRESETS)})"
+        )
     return path, format

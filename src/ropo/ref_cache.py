@@ -44,8 +44,12 @@ class RefLogps:
         if missing:
             raise KeyError(f"no reference log-probs for pair ids {missing[:5]}")
         index = torch.tensor([self._row[i] for i in ids], dtype=torch.long)
-        return PairLogps(self.logps.chosen[index], self.logps.rejected[index],
-                         self.logps.chosen_tokens[index], self.logps.rejected_tokens[index])
+        return PairLogps(
+            self.logps.chosen[index],
+            self.logps.rejected[index],
+            self.logps.chosen_tokens[index],
+            self.logps.rejected_tokens[index],
+        )
 
     def extend(self, other: RefLogps) -> RefLogps:
         """This cache plus the pairs of `other` (new ids only), e.g. rejection-sampled pairs."""
@@ -53,9 +57,12 @@ class RefLogps:
         index = torch.tensor(new, dtype=torch.long)
         cat = lambda a, b: torch.cat([a, b[index]])  # noqa: E731
         mine, theirs = self.logps, other.logps
-        merged = PairLogps(cat(mine.chosen, theirs.chosen), cat(mine.rejected, theirs.rejected),
-                           cat(mine.chosen_tokens, theirs.chosen_tokens),
-                           cat(mine.rejected_tokens, theirs.rejected_tokens))
+        merged = PairLogps(
+            cat(mine.chosen, theirs.chosen),
+            cat(mine.rejected, theirs.rejected),
+            cat(mine.chosen_tokens, theirs.chosen_tokens),
+            cat(mine.rejected_tokens, theirs.rejected_tokens),
+        )
         return RefLogps(self.ids + [other.ids[i] for i in new], merged, self.fingerprint)
 
 
@@ -91,18 +98,32 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reference_logps(model_dir: str | Path, pairs: Sequence[TokenizedPair], cache_dir: str | Path,
-                    batch_size: int, pad_id: int, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> RefLogps:
+def reference_logps(
+    model_dir: str | Path,
+    pairs: Sequence[TokenizedPair],
+    cache_dir: str | Path,
+    batch_size: int,
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> RefLogps:
     """Reference log-probs of `pairs`, read from `cache_dir` when a matching file exists.
 
     Otherwise the reference model is loaded from `model_dir`, scores every pair once in eval mode,
     and is freed again; the result is written atomically so a crash never leaves half a cache.
     """
-    autocast = torch.get_autocast_dtype(torch.device(device).type) \
-        if torch.is_autocast_enabled(torch.device(device).type) else None
-    key_parts = [fingerprint_model_dir(model_dir), fingerprint_pairs(pairs), str(dtype),
-                 f"autocast={autocast}", LOGP_CONVENTION]
+    autocast = (
+        torch.get_autocast_dtype(torch.device(device).type)
+        if torch.is_autocast_enabled(torch.device(device).type)
+        else None
+    )
+    key_parts = [
+        fingerprint_model_dir(model_dir),
+        fingerprint_pairs(pairs),
+        str(dtype),
+        f"autocast={autocast}",
+        LOGP_CONVENTION,
+    ]
     fingerprint = hashlib.sha256("|".join(key_parts).encode()).hexdigest()
     path = Path(cache_dir) / f"ref-logps-{fingerprint[:24]}.safetensors"
     ids = [pair.id for pair in pairs]
@@ -125,15 +146,20 @@ def _read_cache(path: Path, fingerprint: str, ids: list[str]) -> RefLogps | None
     meta = json.loads(meta_path.read_text())
     if meta.get("fingerprint") != fingerprint or meta.get("ids") != ids:
         return None
-    logps = PairLogps(tensors["chosen"], tensors["rejected"], tensors["chosen_tokens"],
-                      tensors["rejected_tokens"])
+    logps = PairLogps(
+        tensors["chosen"], tensors["rejected"], tensors["chosen_tokens"], tensors["rejected_tokens"]
+    )
     return RefLogps(ids, logps, fingerprint)
 
 
 def _write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"chosen": logps.chosen, "rejected": logps.rejected,
-               "chosen_tokens": logps.chosen_tokens, "rejected_tokens": logps.rejected_tokens}
+    tensors = {
+        "chosen": logps.chosen,
+        "rejected": logps.rejected,
+        "chosen_tokens": logps.chosen_tokens,
+        "rejected_tokens": logps.rejected_tokens,
+    }
     meta = {"fingerprint": fingerprint, "ids": ids, "convention": LOGP_CONVENTION}
     # The json is written last: a cache counts only when both files exist and agree.
     tmp = path.with_suffix(".tmp")

@@ -43,11 +43,13 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(model_dir: Path, dtype: torch.dtype, device: torch.device,
-                 activation_checkpointing: bool) -> None:
+def check_memory(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, activation_checkpointing: bool
+) -> None:
     """Raise MemoryError with the estimate when the model cannot be trained on `device`."""
-    config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()),
-                                 source=str(model_dir / "config.json"))
+    config = ModelConfig.from_hf(
+        json.loads((model_dir / "config.json").read_text()), source=str(model_dir / "config.json")
+    )
     need = training_bytes(config, dtype)
     total = sum(need.values())
     have = available_bytes(device)
@@ -57,4 +59,5 @@ def check_memory(model_dir: Path, dtype: torch.dtype, device: torch.device,
         raise MemoryError(
             f"{model_dir.name}: training needs about {total / 2**30:.1f} GiB ({parts}){hint} but "
             f"{device} has {have / 2**30:.1f} GiB free. Use dtype=bfloat16, a bigger device, or "
-            f"several GPUs.")
+            f"several GPUs."
+        )

@@ -91,11 +91,19 @@ def train(cfg: RunConfig) -> Path:
     print(data.summary)
     audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
     check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
-    step = StepSettings(tokenizer.pad_id, cfg.optim.max_grad_norm, device,
-                        DTYPES.get(cfg.model.autocast))
+    step = StepSettings(
+        tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
+    )
     with autocast(device, step.autocast):
-        ref = reference_logps(model_dir, data.tokens, cfg.run.cache_dir or out / "cache",
-                              cfg.optim.batch_size * 2, tokenizer.pad_id, dtype, device)
+        ref = reference_logps(
+            model_dir,
+            data.tokens,
+            cfg.run.cache_dir or out / "cache",
+            cfg.optim.batch_size * 2,
+            tokenizer.pad_id,
+            dtype,
+            device,
+        )
     loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
     optimizer_for = lambda m: make_optimizer(m, cfg.optim)  # noqa: E731
     policy, optimizer, state = start_or_resume(cfg, out, model_dir, dtype, device, optimizer_for)
@@ -108,21 +116,34 @@ def train(cfg: RunConfig) -> Path:
         train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
         for epoch in range(state.epoch, cfg.optim.epochs):
             steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
-            bar = tqdm(steps, desc=f"round {round_idx + 1}/{cfg.filter.rounds} "
-                       f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
-                       initial=state.step_in_epoch, total=len(steps))
+            bar = tqdm(
+                steps,
+                desc=f"round {round_idx + 1}/{cfg.filter.rounds} "
+                f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                unit="step",
+                initial=state.step_in_epoch,
+                total=len(steps),
+            )
             for step_idx in range(state.step_in_epoch, len(steps)):
                 lr = learning_rate(state.global_step, total_steps, cfg.optim)
                 stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr, step)
                 state.global_step += 1
                 state.step_in_epoch = step_idx + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.reward_accuracy:.2f}",
-                                margin=f"{stats.margin:.3f}")
+                bar.set_postfix(
+                    loss=f"{stats.loss:.4f}",
+                    acc=f"{stats.reward_accuracy:.2f}",
+                    margin=f"{stats.margin:.3f}",
+                )
                 log_step(out, state, stats, cfg.run.log_every)
                 if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
-                    save_checkpoint(out, f"step-{state.global_step:07d}", policy, optimizer,
-                                    checkpoint_state(state, cfg))
+                    save_checkpoint(
+                        out,
+                        f"step-{state.global_step:07d}",
+                        policy,
+                        optimizer,
+                        checkpoint_state(state, cfg),
+                    )
             bar.close()
             state.epoch, state.step_in_epoch = epoch + 1, 0
         with autocast(device, step.autocast):
@@ -130,16 +151,17 @@ def train(cfg: RunConfig) -> Path:
         state.sampled = []
         if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
             with autocast(device, step.autocast):
-                state.sampled = sample_replacements(policy, model_dir, data, decision, cfg,
-                                                    round_idx, tokenizer, dtype, device, out)
+                state.sampled = sample_replacements(
+                    policy, model_dir, data, decision, cfg, round_idx, tokenizer, dtype, device, out
+                )
             ref = ref.extend(sampled_ref_logps(state.sampled))
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
-        save_checkpoint(out, f"round-{round_idx + 1}", policy, optimizer,
-                        checkpoint_state(state, cfg))
+        save_checkpoint(
+            out, f"round-{round_idx + 1}", policy, optimizer, checkpoint_state(state, cfg)
+        )
     save_model(policy, out / "final")
     shutil.copy(model_dir / "tokenizer.model", out / "final" / "tokenizer.model")
-    print(f"done: {out}/final (model), {out}/pairs.jsonl, {out}/metrics.jsonl, "
-          f"{out}/cleaned.jsonl")
+    print(f"done: {out}/final (model), {out}/pairs.jsonl, {out}/metrics.jsonl, {out}/cleaned.jsonl")
     return out
 
 
@@ -168,9 +190,14 @@ def loss_params(cfg: RunConfig) -> dict[str, float]:
     return {name: getattr(cfg.loss, name) for name in LOSS_PARAMS[cfg.loss.loss]}
 
 
-def start_or_resume(cfg: RunConfig, out: Path, model_dir: Path, dtype: torch.dtype,
-                    device: torch.device, optimizer_for: Any,
-                    ) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+def start_or_resume(
+    cfg: RunConfig,
+    out: Path,
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    optimizer_for: Any,
+) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
     """A fresh policy from `model_dir`, or the model, optimizer and state of the last checkpoint."""
     checkpoint = latest_checkpoint(out) if cfg.run.resume else None
     if checkpoint is None:
@@ -186,8 +213,10 @@ def start_or_resume(cfg: RunConfig, out: Path, model_dir: Path, dtype: torch.dty
     policy.activation_checkpointing = cfg.model.activation_checkpointing
     loop = saved["loop"]
     state = LoopState(**loop)
-    print(f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
-          f"step {state.global_step})")
+    print(
+        f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
+        f"step {state.global_step})"
+    )
     audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
     audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
     audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
@@ -201,8 +230,13 @@ def checkpoint_state(state: LoopState, cfg: RunConfig) -> dict[str, Any]:
 def make_optimizer(model: Transformer, cfg: OptimSettings) -> torch.optim.Optimizer:
     """AdamW over every parameter (fused kernels on GPU)."""
     fused = model.output.weight.is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             betas=(0.9, 0.999), fused=fused or None)
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.999),
+        fused=fused or None,
+    )
 
 
 def planned_steps(n_pairs: int, cfg: RunConfig) -> int:
@@ -228,8 +262,9 @@ def learning_rate(step: int, total_steps: int, cfg: OptimSettings) -> float:
     return cfg.lr
 
 
-def epoch_steps(pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoch: int
-                ) -> list[list[list[TokenizedPair]]]:
+def epoch_steps(
+    pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoch: int
+) -> list[list[list[TokenizedPair]]]:
     """The epoch as optimizer steps, each a list of micro-batches of pairs.
 
     The order is a permutation seeded by (seed, round, epoch) alone, so a resumed run replays the
@@ -242,9 +277,15 @@ def epoch_steps(pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoc
     return [micro[s : s + accum] for s in range(0, len(micro), accum)]
 
 
-def train_step(model: Transformer, optimizer: torch.optim.Optimizer,
-               micro_batches: list[list[TokenizedPair]], ref: RefLogps, loss_fn: PreferenceLoss,
-               lr: float, settings: StepSettings) -> StepStats:
+def train_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[list[TokenizedPair]],
+    ref: RefLogps,
+    loss_fn: PreferenceLoss,
+    lr: float,
+    settings: StepSettings,
+) -> StepStats:
     """One optimizer step: the per-pair loss averaged over every pair of the step, then AdamW.
 
     Each micro-batch's summed loss is divided by the step's total pair count before backward, so
@@ -280,8 +321,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def pair_losses(loss_fn: PreferenceLoss, policy: PairLogps, reference: PairLogps
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_losses(
+    loss_fn: PreferenceLoss, policy: PairLogps, reference: PairLogps
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair losses (N,) and margins (N,), in the log-prob convention the loss asks for."""
     if loss_fn.length_normalized:
         policy, reference = policy.mean(), reference.mean()
@@ -301,21 +343,31 @@ def clip_gradients(model: Transformer, max_grad_norm: float) -> float:
     return norm.item()
 
 
-def end_of_round(policy: Transformer, data: Dataset, ref: RefLogps, loss_fn: PreferenceLoss,
-                 cfg: RunConfig, round_idx: int, out: Path, pad_id: int) -> DropDecision:
+def end_of_round(
+    policy: Transformer,
+    data: Dataset,
+    ref: RefLogps,
+    loss_fn: PreferenceLoss,
+    cfg: RunConfig,
+    round_idx: int,
+    out: Path,
+    pad_id: int,
+) -> DropDecision:
     """The w-step: score every pair with the policy, keep the (1 - rho) N lowest-loss pairs.
 
     Writes the round's audit lines, its metrics and the cleaned dataset (kept pairs).
     """
     ids = [pair.id for pair in data.tokens]
-    scores = score_pairs(policy, data.tokens, cfg.optim.batch_size * 2, pad_id,
-                         desc=f"scoring round {round_idx + 1}")
+    scores = score_pairs(
+        policy, data.tokens, cfg.optim.batch_size * 2, pad_id, desc=f"scoring round {round_idx + 1}"
+    )
     reference = ref.lookup(ids)
     with torch.no_grad():
         losses, _ = pair_losses(loss_fn, scores, reference)
     decision = select_drops(ids, losses, cfg.filter.rho)
-    records = audit.pair_records(round_idx, ids, scores, reference, losses, decision,
-                                 cfg.loss.beta, data.flips)
+    records = audit.pair_records(
+        round_idx, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
+    )
     metrics = audit.round_metrics(round_idx, records, decision, data.flips, {})
     audit.append_jsonl(out / "pairs.jsonl", records)
     audit.append_jsonl(out / "metrics.jsonl", [metrics])
@@ -324,54 +376,91 @@ def end_of_round(policy: Transformer, data: Dataset, ref: RefLogps, loss_fn: Pre
     return decision
 
 
-def sample_replacements(policy: Transformer, model_dir: Path, data: Dataset,
-                        decision: DropDecision, cfg: RunConfig, round_idx: int,
-                        tokenizer: Tokenizer, dtype: torch.dtype, device: torch.device,
-                        out: Path) -> list[dict[str, Any]]:
+def sample_replacements(
+    policy: Transformer,
+    model_dir: Path,
+    data: Dataset,
+    decision: DropDecision,
+    cfg: RunConfig,
+    round_idx: int,
+    tokenizer: Tokenizer,
+    dtype: torch.dtype,
+    device: torch.device,
+    out: Path,
+) -> list[dict[str, Any]]:
     """Rejection-sampled pairs for the prompts of dropped pairs, as JSON-ready records."""
     dropped = set(decision.dropped_ids)
     reference = load_model(model_dir, dtype=dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 7919 + round_idx)
     result = rejection_sample(
-        policy, reference, [p for p in data.tokens if p.id in dropped], round_idx,
-        cfg.filter.rs_k, cfg.loss.beta, cfg.filter.rs_temperature, cfg.filter.rs_top_p,
-        cfg.filter.rs_max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, generator)
+        policy,
+        reference,
+        [p for p in data.tokens if p.id in dropped],
+        round_idx,
+        cfg.filter.rs_k,
+        cfg.loss.beta,
+        cfg.filter.rs_temperature,
+        cfg.filter.rs_top_p,
+        cfg.filter.rs_max_new_tokens,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+        generator,
+        vocab_limit=tokenizer.vocab_size,
+    )
     del reference
     policy.train()
     records = []
     for i, pair in enumerate(result.pairs):
-        records.append({"id": pair.id, "round": round_idx, "prompt_ids": list(pair.prompt_ids),
-                        "chosen_ids": list(pair.chosen_ids),
-                        "rejected_ids": list(pair.rejected_ids),
-                        "ref_chosen_logp": result.reference.chosen[i].item(),
-                        "ref_rejected_logp": result.reference.rejected[i].item(),
-                        "chosen": tokenizer.decode(list(pair.chosen_ids)),
-                        "rejected": tokenizer.decode(list(pair.rejected_ids))})
+        records.append(
+            {
+                "id": pair.id,
+                "round": round_idx,
+                "prompt_ids": list(pair.prompt_ids),
+                "chosen_ids": list(pair.chosen_ids),
+                "rejected_ids": list(pair.rejected_ids),
+                "ref_chosen_logp": result.reference.chosen[i].item(),
+                "ref_rejected_logp": result.reference.rejected[i].item(),
+                "chosen": tokenizer.decode(list(pair.chosen_ids)),
+                "rejected": tokenizer.decode(list(pair.rejected_ids)),
+            }
+        )
     audit.append_jsonl(out / "sampled_pairs.jsonl", records)
-    print(f"rejection sampling: {len(records)} new pairs for {len(dropped)} dropped pairs "
-          f"(skipped: {result.skipped})")
+    print(
+        f"rejection sampling: {len(records)} new pairs for {len(dropped)} dropped pairs "
+        f"(skipped: {result.skipped})"
+    )
     return records
 
 
 def sampled_pair(record: dict[str, Any]) -> TokenizedPair:
-    return TokenizedPair(record["id"], tuple(record["prompt_ids"]), tuple(record["chosen_ids"]),
-                         tuple(record["rejected_ids"]))
+    return TokenizedPair(
+        record["id"],
+        tuple(record["prompt_ids"]),
+        tuple(record["chosen_ids"]),
+        tuple(record["rejected_ids"]),
+    )
 
 
 def sampled_ref_logps(records: list[dict[str, Any]]) -> RefLogps:
     """Reference log-probs of sampled pairs (computed when they were sampled)."""
     column = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
     count = lambda key: torch.tensor([float(len(r[key])) for r in records])  # noqa: E731
-    logps = PairLogps(column("ref_chosen_logp"), column("ref_rejected_logp"),
-                      count("chosen_ids"), count("rejected_ids"))
+    logps = PairLogps(
+        column("ref_chosen_logp"),
+        column("ref_rejected_logp"),
+        count("chosen_ids"),
+        count("rejected_ids"),
+    )
     return RefLogps([r["id"] for r in records], logps, "sampled")
 
 
 def check_vocab(tokenizer: Tokenizer, model: Transformer, model_dir: Path) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
-                         f"model's embedding has {model.config.vocab_size} rows "
-                         f"({model_dir}/config.json vocab_size): they do not belong together")
+        raise ValueError(
+            f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
+            f"model's embedding has {model.config.vocab_size} rows "
+            f"({model_dir}/config.json vocab_size): they do not belong together"
+        )
 
 
 def log_step(out: Path, state: LoopState, stats: StepStats, every: int) -> None:
