@@ -121,7 +121,11 @@ def sequence_logps(
     chunks of `chunk_tokens`, and each chunk is recomputed in backward instead of kept: the full
     (R, T, V) logits are never materialised.
     """
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)  # (R, T, C)
+    # Rows are right-padded, so under causal attention no real token can see a pad: the padding
+    # mask changes only the pad positions' outputs, which are never read. Leaving it out selects
+    # SDPA's is_causal (flash) kernel. `attention_mask` still documents the batch's real length.
+    del attention_mask
+    hidden = model.hidden_states(input_ids)  # (R, T, C)
     # The hidden state at t predicts token t+1: select positions on the label side after the shift,
     # so the first response token (predicted from the last prompt position) counts.
     label_mask = response_mask[:, 1:]  # (R, T-1)

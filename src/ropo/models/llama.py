@@ -292,14 +292,18 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, K, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        # GQA: query head h reads kv head h // (H / K); `.repeat` would give h % K instead.
-        k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        # GQA: query head h reads kv head h // (H / K) (`.repeat` would give h % K). SDPA's
+        # enable_gqa does exactly that without copying k and v, which matters with a long cache.
         scale = 1.0 / math.sqrt(D)
+        gqa = H != K
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(out)  # (B, T, C)
 
