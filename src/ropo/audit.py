@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def write_run_info(
         "data_report": data_report,
         "command": sys.argv,
     }
-    (out / "run.json").write_text(json.dumps(info, indent=1))
+    tmp = out / ".run.json.tmp"  # a resume reads run.json: a crash must not leave half of it
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, out / "run.json")
 
 
 def _git_revision() -> str | None:
@@ -146,12 +149,27 @@ def append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
-    """Keep only the lines for which `keep` holds (a resumed run rewrites the rest, never twice)."""
+    """Keep only the lines for which `keep` holds (a resumed run rewrites the rest, never twice).
+
+    A last line without its newline is an append that a crash cut short and is dropped; any other
+    unreadable line raises ValueError("file:line"). The file is replaced atomically, so a crash
+    during the rewrite loses nothing.
+    """
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    lines = path.read_bytes().split(b"\n")
+    lines.pop()  # b"" after the final newline, or the torn last line
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8")) if line.strip() else None
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{path}:{lineno}: unreadable line in an audit file") from None
+        if record is not None and keep(record):
+            kept.append(line + b"\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -175,7 +193,9 @@ def _fmt(value: Any) -> str:
 def export_cleaned(path: Path, pairs: Sequence[PreferencePair], kept_ids: Sequence[str]) -> None:
     """The kept pairs as plain JSONL (prompt/chosen/rejected/id): input for any DPO trainer."""
     kept = set(kept_ids)
-    write_pairs_jsonl([p for p in pairs if p.id in kept], path)
+    tmp = path.with_name(f".{path.name}.tmp")  # never a cut-short file that looks complete
+    write_pairs_jsonl([p for p in pairs if p.id in kept], tmp)
+    os.replace(tmp, path)
 
 
 def _margins(policy: PairLogps, reference: PairLogps) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ropo.faults import maybe_crash
 from ropo.models.llama import Transformer
 from ropo.models.load import load_model, save_model
 
@@ -37,8 +38,9 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
+    for stale in root.glob(".tmp-*"):  # left by a killed run; for a 7B model tens of GB
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     tensors, groups = _flatten_optimizer(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -47,6 +49,7 @@ def save_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
+    maybe_crash("checkpoint")
     files = sorted(p.name for p in tmp.iterdir())
     manifest = {name: _sha256(tmp / name) for name in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -73,7 +76,12 @@ def verify_checkpoint(path: Path) -> None:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {path} has no {MANIFEST}: it was not written completely")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:  # also UnicodeDecodeError
+        raise ValueError(
+            f"checkpoint {path}: {MANIFEST} is unreadable; the checkpoint is damaged"
+        ) from None
     for name, digest in manifest.items():
         if not (path / name).is_file() or _sha256(path / name) != digest:
             raise ValueError(

@@ -128,6 +128,11 @@ class RunSettings:
     eval_every_round: bool = _key(True, "score every pair and write the audit after each round")
     log_every: int = _key(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
     save_every: int = _key(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
+    skip_nonfinite: bool = _key(
+        False,
+        "on a NaN/inf loss or gradient, skip that step (counted in metrics.jsonl "
+        "n_skipped_nonfinite) instead of stopping the run at the last good checkpoint",
+    )
 
     def __post_init__(self) -> None:
         _check_range("log_every", self.log_every, 1, None)
@@ -205,8 +210,9 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
         raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
-# Keys a resumed run may change: they do not alter what is computed.
-RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every")
+# Keys a resumed run may change: they do not alter what is computed (skip_nonfinite only
+# decides what a NaN/inf step does, so a run that stopped on one can go on past it).
+RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every", "skip_nonfinite")
 
 
 def load_config(
@@ -219,12 +225,16 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not valid UTF-8 (byte {err.start})") from None
+        loaded = _parse_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"{path}: expected a mapping of key: value, got {type(loaded).__name__}"
             )
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text.splitlines()
         for key, value in loaded.items():
             line_no = next((i + 1 for i, line in enumerate(lines) if line.startswith(f"{key}:")), 0)
             values[str(key)] = value
@@ -233,8 +243,8 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"command line: expected key=value, got '{item}'")
-        values[key] = yaml.safe_load(raw) if raw != "" else ""
         origins[key] = f"command line '{item}'"
+        values[key] = _parse_yaml(raw, origins[key]) if raw != "" else ""
     if base is not None:
         changed = [k for k in values if k not in RESUMABLE_KEYS and values[k] != base.get(k)]
         if changed:
@@ -244,6 +254,17 @@ def load_config(
                 f"{', '.join(RESUMABLE_KEYS)} may change)"
             )
     return build_config(values, origins)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load (plain data, never objects or code); a syntax error becomes a ValueError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{where}: not valid YAML: {problem}{at}") from None
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:

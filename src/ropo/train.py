@@ -24,12 +24,13 @@ from ropo import audit
 from ropo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ropo.config import OptimSettings, RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
+from ropo.faults import maybe_crash
 from ropo.filter.rejection import rejection_sample
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.logps import PairLogps, collate_pairs, response_logps, score_pairs
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
 from ropo.models import Tokenizer, load_model, load_tokenizer, save_model
-from ropo.models.llama import Transformer
+from ropo.models.llama import ModelConfig, Transformer
 from ropo.presets import resolve_data, resolve_model
 from ropo.ref_cache import RefLogps, fingerprint_pairs, reference_logps
 from ropo.resources import check_memory, pick_device
@@ -57,6 +58,7 @@ class LoopState:
     global_step: int = 0
     kept_ids: list[str] | None = None  # None: every pair (round 0)
     sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
+    n_skipped_nonfinite: int = 0  # steps not applied for a NaN/inf loss or gradient
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,70 @@ class StepStats:
     margin: float
     grad_norm: float
     lr: float
+    skipped: str = ""  # why the step was not applied (NaN/inf); "" when it was
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run fixes before training starts: settings, places, data and the loss."""
+
+    cfg: RunConfig
+    out: Path
+    model_dir: Path
+    tokenizer: Tokenizer
+    data: Dataset
+    loss_fn: PreferenceLoss
+    dtype: torch.dtype
+    step: StepSettings
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the whole ROPO pipeline described by `cfg`; returns the run directory."""
+    run = start_run(cfg)
+    device = run.step.device
+    with autocast(device, run.step.autocast):
+        ref = reference_logps(
+            run.model_dir,
+            run.data.tokens,
+            cfg.run.cache_dir or run.out / "cache",
+            cfg.optim.batch_size * 2,
+            run.tokenizer.pad_id,
+            run.dtype,
+            device,
+        )
+    policy, optimizer, state = start_or_resume(run)
+    ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
+    by_id = {pair.id: pair for pair in run.data.tokens}
+    for round_idx in range(state.round_idx, cfg.filter.rounds):
+        kept = state.kept_ids if state.kept_ids is not None else list(by_id)
+        train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
+        for epoch in range(state.epoch, cfg.optim.epochs):
+            train_epoch(run, policy, optimizer, ref, state, train_pairs, round_idx, epoch)
+        with autocast(device, run.step.autocast):
+            decision = end_of_round(run, policy, ref, round_idx, state.n_skipped_nonfinite)
+        state.sampled = []
+        if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
+            with autocast(device, run.step.autocast):
+                state.sampled = sample_replacements(run, policy, decision, round_idx)
+            ref = ref.extend(sampled_ref_logps(state.sampled))
+        state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
+        maybe_crash("round_end")
+        save_checkpoint(
+            run.out, f"round-{round_idx + 1}", policy, optimizer, checkpoint_state(state, cfg)
+        )
+    save_model(policy, run.out / "final")
+    shutil.copy(run.model_dir / "tokenizer.model", run.out / "final" / "tokenizer.model")
+    if state.n_skipped_nonfinite:
+        print(f"skip_nonfinite: {state.n_skipped_nonfinite} steps skipped for a NaN/inf value")
+    print(
+        f"done: {run.out}/final (model), {run.out}/pairs.jsonl, {run.out}/metrics.jsonl, "
+        f"{run.out}/cleaned.jsonl"
+    )
+    return run.out
+
+
+def start_run(cfg: RunConfig) -> Run:
+    """Check what can fail fast (paths, vocab, memory, loss), then read the data."""
     out = Path(cfg.run.resume or cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
@@ -87,89 +149,65 @@ def train(cfg: RunConfig) -> Path:
     dtype = DTYPES[cfg.model.dtype]
     model_dir = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(model_dir)
+    check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
+    check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
+    loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
     data = prepare_data(cfg, tokenizer, out)
     print(data.summary)
     audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
-    check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
     step = StepSettings(
         tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
     )
-    with autocast(device, step.autocast):
-        ref = reference_logps(
-            model_dir,
-            data.tokens,
-            cfg.run.cache_dir or out / "cache",
-            cfg.optim.batch_size * 2,
-            tokenizer.pad_id,
-            dtype,
-            device,
+    return Run(cfg, out, model_dir, tokenizer, data, loss_fn, dtype, step)
+
+
+def train_epoch(
+    run: Run,
+    policy: Transformer,
+    optimizer: torch.optim.Optimizer,
+    ref: RefLogps,
+    state: LoopState,
+    train_pairs: list[TokenizedPair],
+    round_idx: int,
+    epoch: int,
+) -> None:
+    """The theta-step for one epoch, from `state.step_in_epoch` on (a resumed run skips ahead)."""
+    cfg = run.cfg
+    steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
+    total_steps = planned_steps(len(run.data.tokens), cfg)
+    desc = f"round {round_idx + 1}/{cfg.filter.rounds} epoch {epoch + 1}/{cfg.optim.epochs}"
+    bar = tqdm(total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step")
+    for step_idx in range(state.step_in_epoch, len(steps)):
+        lr = learning_rate(state.global_step, total_steps, cfg.optim)
+        stats = train_step(policy, optimizer, steps[step_idx], ref, run.loss_fn, lr, run.step)
+        check_step(stats, state, cfg.run.skip_nonfinite, run.out)
+        state.global_step += 1
+        state.step_in_epoch = step_idx + 1
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{stats.loss:.4f}",
+            acc=f"{stats.reward_accuracy:.2f}",
+            margin=f"{stats.margin:.3f}",
         )
-    loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
-    optimizer_for = lambda m: make_optimizer(m, cfg.optim)  # noqa: E731
-    policy, optimizer, state = start_or_resume(cfg, out, model_dir, dtype, device, optimizer_for)
-    check_vocab(tokenizer, policy, model_dir)
-    ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
-    total_steps = planned_steps(len(data.tokens), cfg)
-    by_id = {pair.id: pair for pair in data.tokens}
-    for round_idx in range(state.round_idx, cfg.filter.rounds):
-        kept = state.kept_ids if state.kept_ids is not None else list(by_id)
-        train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
-        for epoch in range(state.epoch, cfg.optim.epochs):
-            steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
-            bar = tqdm(
-                steps,
-                desc=f"round {round_idx + 1}/{cfg.filter.rounds} "
-                f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                unit="step",
-                initial=state.step_in_epoch,
-                total=len(steps),
+        log_step(run.out, state, stats, cfg.run.log_every)
+        if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
+            save_checkpoint(
+                run.out,
+                f"step-{state.global_step:07d}",
+                policy,
+                optimizer,
+                checkpoint_state(state, cfg),
             )
-            for step_idx in range(state.step_in_epoch, len(steps)):
-                lr = learning_rate(state.global_step, total_steps, cfg.optim)
-                stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr, step)
-                state.global_step += 1
-                state.step_in_epoch = step_idx + 1
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{stats.loss:.4f}",
-                    acc=f"{stats.reward_accuracy:.2f}",
-                    margin=f"{stats.margin:.3f}",
-                )
-                log_step(out, state, stats, cfg.run.log_every)
-                if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
-                    save_checkpoint(
-                        out,
-                        f"step-{state.global_step:07d}",
-                        policy,
-                        optimizer,
-                        checkpoint_state(state, cfg),
-                    )
-            bar.close()
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-        with autocast(device, step.autocast):
-            decision = end_of_round(policy, data, ref, loss_fn, cfg, round_idx, out, step.pad_id)
-        state.sampled = []
-        if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
-            with autocast(device, step.autocast):
-                state.sampled = sample_replacements(
-                    policy, model_dir, data, decision, cfg, round_idx, tokenizer, dtype, device, out
-                )
-            ref = ref.extend(sampled_ref_logps(state.sampled))
-        state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
-        save_checkpoint(
-            out, f"round-{round_idx + 1}", policy, optimizer, checkpoint_state(state, cfg)
-        )
-    save_model(policy, out / "final")
-    shutil.copy(model_dir / "tokenizer.model", out / "final" / "tokenizer.model")
-    print(f"done: {out}/final (model), {out}/pairs.jsonl, {out}/metrics.jsonl, {out}/cleaned.jsonl")
-    return out
+    bar.close()
+    state.epoch, state.step_in_epoch = epoch + 1, 0
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     """Load, inject noise (recording the flip mask in <out>/flips.json) and tokenise."""
     path, data_format = resolve_data(cfg.data.data, cfg.data.format)
     pairs, report = load_pairs(path, format=data_format, template=cfg.data.template)
-    if cfg.data.max_pairs:
+    if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
+        report.skipped["beyond_max_pairs"] = len(pairs) - cfg.data.max_pairs  # counted, not silent
         pairs = pairs[: cfg.data.max_pairs]
     flips = None
     if cfg.data.noise > 0:
@@ -190,29 +228,26 @@ def loss_params(cfg: RunConfig) -> dict[str, float]:
     return {name: getattr(cfg.loss, name) for name in LOSS_PARAMS[cfg.loss.loss]}
 
 
-def start_or_resume(
-    cfg: RunConfig,
-    out: Path,
-    model_dir: Path,
-    dtype: torch.dtype,
-    device: torch.device,
-    optimizer_for: Any,
-) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
-    """A fresh policy from `model_dir`, or the model, optimizer and state of the last checkpoint."""
+def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+    """A fresh policy from the model directory, or model, optimizer and state of the last
+    checkpoint (`resume`); audit lines written after that checkpoint are cut."""
+    cfg, out = run.cfg, run.out
+    optimizer_for = lambda model: make_optimizer(model, cfg.optim)  # noqa: E731
     checkpoint = latest_checkpoint(out) if cfg.run.resume else None
     if checkpoint is None:
         if cfg.run.resume:
             print(f"resume: no checkpoint in {out} yet, starting from the beginning")
-        policy = load_model(model_dir, dtype=dtype, device=device)
+        policy = load_model(run.model_dir, dtype=run.dtype, device=run.step.device)
         policy.activation_checkpointing = cfg.model.activation_checkpointing
         policy.train()
-        for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl"):
+        for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
             (out / name).unlink(missing_ok=True)
         return policy, optimizer_for(policy), LoopState()
-    policy, optimizer, saved = load_checkpoint(checkpoint, optimizer_for, dtype, device)
+    policy, optimizer, saved = load_checkpoint(
+        checkpoint, optimizer_for, run.dtype, run.step.device
+    )
     policy.activation_checkpointing = cfg.model.activation_checkpointing
-    loop = saved["loop"]
-    state = LoopState(**loop)
+    state = LoopState(**saved["loop"])
     print(
         f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
         f"step {state.global_step})"
@@ -220,6 +255,7 @@ def start_or_resume(
     audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
     audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
     audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
+    audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] < state.round_idx)
     return policy, optimizer, state
 
 
@@ -289,29 +325,67 @@ def train_step(
     """One optimizer step: the per-pair loss averaged over every pair of the step, then AdamW.
 
     Each micro-batch's summed loss is divided by the step's total pair count before backward, so
-    accumulation gives exactly the gradient of one big batch.
+    accumulation gives exactly the gradient of one big batch. A NaN/inf loss or gradient norm
+    applies nothing: the gradients are cleared, AdamW does not step, `skipped` says why.
+    Statistics stay on the device until one read at the end, so the host never waits mid-step.
     """
     n_pairs = sum(len(mb) for mb in micro_batches)
-    total_loss, correct, margin_sum = 0.0, 0, 0.0
+    sums = torch.zeros(3, device=settings.device)  # loss, correct pairs, margin
+    finite = []  # (ids, per-pair finiteness) of each micro-batch
     for pairs in micro_batches:
         batch = collate_pairs(pairs, settings.pad_id).to(settings.device)
         with autocast(settings.device, settings.autocast):
             policy = response_logps(model, batch)
         reference = ref.lookup(batch.ids).to(settings.device)
         losses, margins = pair_losses(loss_fn, policy, reference)
-        if not torch.isfinite(losses).all():
-            bad = [batch.ids[i] for i in torch.nonzero(~torch.isfinite(losses)).flatten()]
-            raise FloatingPointError(f"non-finite loss for pairs {bad[:10]}")
         (losses.sum() / n_pairs).backward()
-        total_loss += losses.detach().sum().item()
-        correct += int((margins > 0).sum())
-        margin_sum += margins.detach().sum().item()
+        sums += torch.stack([losses.detach().sum(), (margins > 0).sum(), margins.sum()])
+        finite.append((batch.ids, torch.isfinite(losses.detach())))
     grad_norm = clip_gradients(model, settings.max_grad_norm)
+    all_finite = torch.stack([mask.all() for _, mask in finite]).all()
+    loss_sum, correct, margin_sum, norm, ok = torch.cat(
+        [sums, grad_norm[None].float(), all_finite[None].float()]
+    ).tolist()  # the step's only host-device synchronisation
+    if not ok:
+        bad = [
+            i
+            for ids, mask in finite
+            for i, good in zip(ids, mask.tolist(), strict=True)
+            if not good
+        ]
+        return skipped_step(optimizer, f"non-finite loss for pairs {bad[:10]}", lr)
+    if not math.isfinite(norm):
+        ids = [pair.id for pairs in micro_batches for pair in pairs]
+        reason = f"non-finite gradient norm {norm} for the step's {len(ids)} pairs {ids[:10]}"
+        return skipped_step(optimizer, reason, lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    maybe_crash("step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(total_loss / n_pairs, correct / n_pairs, margin_sum / n_pairs, grad_norm, lr)
+    return StepStats(loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs, norm, lr)
+
+
+def skipped_step(optimizer: torch.optim.Optimizer, reason: str, lr: float) -> StepStats:
+    """The stats of a step that applied nothing; its gradients are cleared here."""
+    optimizer.zero_grad(set_to_none=True)
+    nan = float("nan")
+    return StepStats(nan, nan, nan, nan, lr, skipped=reason)
+
+
+def check_step(stats: StepStats, state: LoopState, skip_nonfinite: bool, out: Path) -> None:
+    """Stop the run at a step that was not applied (NaN/inf), or count it if skip_nonfinite."""
+    if not stats.skipped:
+        return
+    where = f"round {state.round_idx + 1}, global step {state.global_step + 1}"
+    if not skip_nonfinite:
+        raise FloatingPointError(
+            f"{where}: {stats.skipped}. The step was not applied and no checkpoint follows it: "
+            f"`ropo train resume={out}` continues from the last good one (add "
+            f"skip_nonfinite=true to skip such steps)"
+        )
+    state.n_skipped_nonfinite += 1
+    tqdm.write(f"{where}: {stats.skipped}; step skipped (skip_nonfinite=true)")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -332,43 +406,40 @@ def pair_losses(
     return losses, margins.detach()
 
 
-def clip_gradients(model: Transformer, max_grad_norm: float) -> float:
+def clip_gradients(model: Transformer, max_grad_norm: float) -> torch.Tensor:
+    """The total gradient norm before clipping, as a 0-d tensor (NaN/inf: the caller checks)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    if not torch.isfinite(norm):
-        raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
-    return norm.item()
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
 
 
 def end_of_round(
-    policy: Transformer,
-    data: Dataset,
-    ref: RefLogps,
-    loss_fn: PreferenceLoss,
-    cfg: RunConfig,
-    round_idx: int,
-    out: Path,
-    pad_id: int,
+    run: Run, policy: Transformer, ref: RefLogps, round_idx: int, n_skipped_nonfinite: int
 ) -> DropDecision:
     """The w-step: score every pair with the policy, keep the (1 - rho) N lowest-loss pairs.
 
-    Writes the round's audit lines, its metrics and the cleaned dataset (kept pairs).
+    Writes the round's audit lines, its metrics (with the run's count of skipped NaN/inf steps
+    so far) and the cleaned dataset (kept pairs).
     """
+    cfg, data, out = run.cfg, run.data, run.out
     ids = [pair.id for pair in data.tokens]
     scores = score_pairs(
-        policy, data.tokens, cfg.optim.batch_size * 2, pad_id, desc=f"scoring round {round_idx + 1}"
+        policy,
+        data.tokens,
+        cfg.optim.batch_size * 2,
+        run.step.pad_id,
+        desc=f"scoring round {round_idx + 1}",
     )
     reference = ref.lookup(ids)
     with torch.no_grad():
-        losses, _ = pair_losses(loss_fn, scores, reference)
+        losses, _ = pair_losses(run.loss_fn, scores, reference)
     decision = select_drops(ids, losses, cfg.filter.rho)
     records = audit.pair_records(
         round_idx, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
     )
-    metrics = audit.round_metrics(round_idx, records, decision, data.flips, {})
+    extra = {"n_skipped_nonfinite": n_skipped_nonfinite}
+    metrics = audit.round_metrics(round_idx, records, decision, data.flips, extra)
     audit.append_jsonl(out / "pairs.jsonl", records)
     audit.append_jsonl(out / "metrics.jsonl", [metrics])
     audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids)
@@ -377,25 +448,20 @@ def end_of_round(
 
 
 def sample_replacements(
-    policy: Transformer,
-    model_dir: Path,
-    data: Dataset,
-    decision: DropDecision,
-    cfg: RunConfig,
-    round_idx: int,
-    tokenizer: Tokenizer,
-    dtype: torch.dtype,
-    device: torch.device,
-    out: Path,
+    run: Run, policy: Transformer, decision: DropDecision, round_idx: int
 ) -> list[dict[str, Any]]:
-    """Rejection-sampled pairs for the prompts of dropped pairs, as JSON-ready records."""
+    """Rejection-sampled pairs for the prompts of dropped pairs, as JSON-ready records.
+
+    The reference model is loaded only for this and freed again: it scores the new responses.
+    """
+    cfg, tokenizer, device = run.cfg, run.tokenizer, run.step.device
     dropped = set(decision.dropped_ids)
-    reference = load_model(model_dir, dtype=dtype, device=device)
+    reference = load_model(run.model_dir, dtype=run.dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 7919 + round_idx)
     result = rejection_sample(
         policy,
         reference,
-        [p for p in data.tokens if p.id in dropped],
+        [p for p in run.data.tokens if p.id in dropped],
         round_idx,
         cfg.filter.rs_k,
         cfg.loss.beta,
@@ -424,7 +490,7 @@ def sample_replacements(
                 "rejected": tokenizer.decode(list(pair.rejected_ids)),
             }
         )
-    audit.append_jsonl(out / "sampled_pairs.jsonl", records)
+    audit.append_jsonl(run.out / "sampled_pairs.jsonl", records)
     print(
         f"rejection sampling: {len(records)} new pairs for {len(dropped)} dropped pairs "
         f"(skipped: {result.skipped})"
@@ -454,16 +520,28 @@ def sampled_ref_logps(records: list[dict[str, Any]]) -> RefLogps:
     return RefLogps([r["id"] for r in records], logps, "sampled")
 
 
-def check_vocab(tokenizer: Tokenizer, model: Transformer, model_dir: Path) -> None:
-    if tokenizer.vocab_size > model.config.vocab_size:
+def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """Raise ValueError if the tokenizer has ids the embedding lacks; reads only config.json, which
+    from_hf also checks for settings we do not support (e.g. rope_scaling)."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
-            f"model's embedding has {model.config.vocab_size} rows "
+            f"model's embedding has {config.vocab_size} rows "
             f"({model_dir}/config.json vocab_size): they do not belong together"
         )
 
 
 def log_step(out: Path, state: LoopState, stats: StepStats, every: int) -> None:
-    if state.global_step % every == 0:
-        record = {"step": state.global_step, "round": state.round_idx, **vars(stats)}
-        audit.append_jsonl(out / "train_log.jsonl", [record])
+    """A train_log.jsonl line every `every` steps, and one for every skipped (NaN/inf) step."""
+    record: dict[str, Any] = {"step": state.global_step, "round": state.round_idx}
+    if stats.skipped:
+        record["skipped"] = stats.skipped  # its loss and norms are NaN: nothing to plot
+    elif state.global_step % every == 0:
+        record |= {key: value for key, value in vars(stats).items() if key != "skipped"}
+    else:
+        return
+    audit.append_jsonl(out / "train_log.jsonl", [record])

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ropo.data import TokenizedPair
+from ropo.faults import maybe_crash
 from ropo.logps import PairLogps, collate_sequences, sequence_logps
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
@@ -73,6 +74,7 @@ def rejection_sample(
             generator=generator,
             vocab_limit=vocab_limit,
         )
+        maybe_crash("rejection_sampling")
         samples = [s if s else [eos_id] for s in samples]  # an empty sample is just "stop"
         batch = collate_sequences(prompts, samples, pad_id)
         batch = [t.to(policy.output.weight.device) for t in batch]

@@ -1,0 +1,256 @@
+"""Faults never lose work: a run killed at any point resumes to what an uninterrupted run gives.
+
+The kill tests start `python -m ropo train` as a subprocess with ROPO_FAULT=<point>:<n> (see
+src/ropo/faults.py), which sends SIGKILL at a precise place: mid-step, mid-checkpoint-write, between
+rounds, during rejection sampling. `ropo train resume=<run>` must then end with the same final
+weights (compared exactly), kept set and audit files as a run that was never interrupted. The rest
+checks the pieces in-process: checkpoint integrity (manifest, checksums, stale temp directories),
+torn audit lines, and NaN/inf steps (stop at the last good checkpoint, or skip_nonfinite=true).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ropo.train as train_module
+from conftest import write_synthetic_pairs
+from ropo import faults
+from ropo.audit import truncate_jsonl
+from ropo.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
+from ropo.cli import main
+from ropo.data import load_pairs, tokenize_pairs
+from ropo.logps import PairLogps
+from ropo.loss import get_loss
+from ropo.models import load_model, load_tokenizer
+from ropo.ref_cache import RefLogps
+from ropo.train import StepSettings, train_step
+
+# Two rounds of 16 pairs in steps of 4, a checkpoint every 2 steps, rejection sampling after
+# round 1: round 1 is steps 1-4 (checkpoints step-2, step-4, round-1), round 2 steps 5-8.
+RUN = ("loss=ropo", "rounds=2", "rho=0.25", "noise=0.25", "batch_size=4", "lr=3e-3",
+       "warmup_ratio=0", "max_length=64", "log_every=1", "save_every=2", "device=cpu",
+       "rejection_sampling=true", "rs_k=2", "rs_max_new_tokens=4")  # fmt: skip
+AUDIT_FILES = ("pairs.jsonl", "metrics.jsonl", "cleaned.jsonl", "train_log.jsonl",
+               "sampled_pairs.jsonl", "flips.json")  # fmt: skip
+
+
+def ropo_train(args: list[str], cwd: Path, fault: str = "") -> subprocess.CompletedProcess:
+    """`python -m ropo train ARGS` in a fresh process; ROPO_FAULT=`fault` when given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
+    command = [sys.executable, "-m", "ropo", "train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    data = write_synthetic_pairs(tmp_path_factory.mktemp("fault_data") / "pairs.jsonl", 16)
+    return [f"model={tiny_model_dir}", f"data={data}", *RUN]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_inputs: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = ropo_train([*run_inputs, f"out={out}"], cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    for name in AUDIT_FILES:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    ours = load_model(run / "final").state_dict()
+    for name, value in load_model(reference / "final").state_dict().items():
+        assert torch.equal(ours[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("fault", "resumes_from"),
+    [
+        ("step:3", "step-0000002"),  # mid-step in round 1: gradients there, no AdamW update yet
+        ("checkpoint:4", "round-1"),  # writing step-6 in round 2: files there, no manifest
+        ("rejection_sampling:1", "step-0000004"),  # round 1 audit written, no round checkpoint
+        ("round_end:1", "step-0000004"),  # audit and sampled pairs written, no round checkpoint
+    ],
+)
+def test_killed_run_resumes_to_the_uninterrupted_result(
+    fault: str, resumes_from: str, run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    killed = ropo_train([*run_inputs, f"out={out}"], cwd=tmp_path, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert latest_checkpoint(out) == out / "checkpoints" / resumes_from
+    partial = list((out / "checkpoints").glob(".tmp-*"))  # writes the kill cut short
+    if fault.startswith("checkpoint"):  # weights there, no manifest, never renamed into place
+        assert len(partial) == 1 and partial[0].name.startswith(".tmp-step-0000006-")
+        assert (partial[0] / "model.safetensors").is_file()
+        assert not (partial[0] / "manifest.json").exists()
+    else:
+        assert not partial
+    if fault.startswith("round_end"):  # as if the kill had also cut appends short
+        for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
+            with open(out / name, "ab") as handle:
+                handle.write(b'{"id": "p1", "round": 0, "pol')
+
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: {out / 'checkpoints' / resumes_from}" in resumed.stdout
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the stale directory was removed
+    assert_same_run(out, uninterrupted)
+
+
+def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROPO_FAULT", "stpe:1")  # a typo must not quietly never fire
+    with pytest.raises(ValueError, match="ROPO_FAULT='stpe:1'"):
+        faults.maybe_crash("step")
+    monkeypatch.setenv("ROPO_FAULT", "round_end:2")
+    faults.maybe_crash("step")  # another point: nothing happens
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def small_checkpoint(run: Path, model_dir: Path, name: str) -> Path:
+    model = load_model(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(run, name, model, optimizer, {"loop": {}, "config": {}})
+
+
+def test_damaged_checkpoint_never_loads_as_complete(tiny_model_dir: Path, tmp_path: Path) -> None:
+    path = small_checkpoint(tmp_path, tiny_model_dir, "step-0000001")
+    assert latest_checkpoint(tmp_path) == path
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors is missing or does not match"):
+        latest_checkpoint(tmp_path)
+    (path / "manifest.json").write_text('{"model.safe')
+    with pytest.raises(ValueError, match="manifest.json is unreadable"):
+        verify_checkpoint(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="has no manifest.json: it was not written completely"):
+        latest_checkpoint(tmp_path)
+
+
+def test_stale_temporary_checkpoint_is_ignored_then_removed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    first = small_checkpoint(tmp_path, tiny_model_dir, "step-0000001")
+    stale = tmp_path / "checkpoints" / ".tmp-step-0000002-99999"  # a killed writer's leftovers
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(tmp_path) == first
+    second = small_checkpoint(tmp_path, tiny_model_dir, "step-0000002")
+    assert latest_checkpoint(tmp_path) == second
+    assert not stale.exists()
+
+
+# --- audit files -----------------------------------------------------------------------------
+
+
+def test_truncate_drops_a_torn_last_line_and_refuses_damage(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"round": 0}\n{"round": 1}\n{"round": 0, "lo')
+    truncate_jsonl(path, lambda record: record["round"] < 1)
+    assert path.read_bytes() == b'{"round": 0}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]  # no temporary file left
+    path.write_bytes(b'{"round": 0}\n{"rou\n{"round": 1}\n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: unreadable line"):
+        truncate_jsonl(path, lambda record: True)
+
+
+# --- NaN / inf -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def step_inputs(tiny_model_dir: Path, tmp_path: Path) -> tuple:
+    """A policy, its optimizer, one step of 4 pairs and reference log-probs of 0 for them."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    text, _ = load_pairs(write_synthetic_pairs(tmp_path / "pairs.jsonl", 4))
+    pairs, _ = tokenize_pairs(text, tokenizer, 64)
+    zeros = torch.zeros(4)
+    ref = RefLogps([p.id for p in pairs], PairLogps(zeros, zeros, zeros + 1, zeros + 1), "test")
+    model = load_model(tiny_model_dir).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    settings = StepSettings(tokenizer.pad_id, 1.0, torch.device("cpu"), None)
+    return model, optimizer, [pairs], ref, settings
+
+
+class NanGradientLoss:
+    """DPO whose value is finite but whose gradient is NaN (as after an overflow in backward)."""
+
+    length_normalized = False
+
+    def __call__(self, *logps: torch.Tensor) -> torch.Tensor:
+        losses = get_loss("dpo")(*logps)
+        losses.register_hook(lambda grad: torch.full_like(grad, math.nan))
+        return losses
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_nonfinite_step_applies_nothing(poison: str, step_inputs: tuple) -> None:
+    model, optimizer, micro_batches, ref, settings = step_inputs
+    if poison == "loss":
+        ref.logps.chosen[2] = math.inf  # pair p2's loss becomes NaN
+    loss_fn = get_loss("dpo") if poison == "loss" else NanGradientLoss()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stats = train_step(model, optimizer, micro_batches, ref, loss_fn, 0.1, settings)
+    expected = "non-finite loss for pairs ['p2']" if poison == "loss" else "gradient norm nan"
+    assert expected in stats.skipped
+    assert poison == "loss" or "['p0', 'p1', 'p2', 'p3']" in stats.skipped
+    assert not optimizer.state  # AdamW never saw the step: its moments are not poisoned
+    for name, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[name]), name
+
+
+def poison_step(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """Make the policy log-probs of the `call`-th training micro-batch NaN."""
+    real, calls = train_module.response_logps, {"n": 0}
+
+    def response_logps(*args: object) -> PairLogps:
+        logps = real(*args)
+        calls["n"] += 1
+        if calls["n"] == call:
+            logps = dataclasses.replace(logps, chosen=logps.chosen * math.nan)
+        return logps
+
+    monkeypatch.setattr(train_module, "response_logps", response_logps)
+
+
+def test_nonfinite_loss_stops_at_the_last_good_checkpoint_or_is_skipped(
+    run_inputs: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = tmp_path / "run"
+    args = [*run_inputs, "rounds=1", "rejection_sampling=false", f"out={out}"]
+    poison_step(monkeypatch, 3)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "ropo: error: round 1, global step 3: non-finite loss for pairs ['p" in err
+    assert f"resume={out}" in err and "skip_nonfinite=true" in err
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["LATEST", "step-0000002"]
+    assert [json.loads(line)["step"] for line in open(out / "train_log.jsonl")] == [1, 2]
+
+    poison_step(monkeypatch, 1)  # the resumed run replays step 3 first
+    assert main(["train", f"resume={out}", "skip_nonfinite=true"]) == 0
+    printed = capsys.readouterr()
+    assert "round 1, global step 3: non-finite loss" in printed.err + printed.out
+    assert "skip_nonfinite: 1 steps skipped" in printed.out
+    assert json.loads((out / "metrics.jsonl").read_text())["n_skipped_nonfinite"] == 1
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "non-finite loss" in log[2]["skipped"]
+    final = load_model(out / "final").state_dict()
+    assert all(torch.isfinite(value).all() for value in final.values())
