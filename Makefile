@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
 # make train MODEL=llama2-7b NOISE=0.4 LOSS=dpo ROUNDS=3 RHO=0.2 OUT=runs/x ARGS="key=value ..."
+# NPROC=N launches N processes with torchrun (FSDP2, one GPU each; docs/scaling.md).
+NPROC ?=
 MODEL ?=
 NOISE ?=
 LOSS ?=
@@ -34,7 +36,11 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 train: install
+ifdef NPROC
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ropo train $(TRAIN_ARGS)
+else
 	$(BIN)/ropo train $(TRAIN_ARGS)
+endif
 
 bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -20,7 +20,7 @@ from ropo.data import TokenizedPair
 from ropo.logps import score_pairs
 from ropo.loss import get_loss
 from ropo.models import ModelConfig, Transformer, generate
-from ropo.models.load import save_model  # noqa: F401  (import check: the package is complete)
+from ropo.models.lora import apply_lora
 from ropo.ref_cache import RefLogps
 from ropo.logps import PairLogps
 from ropo.train import StepSettings, make_optimizer, train_step
@@ -86,13 +86,17 @@ def model_flops_per_step(config: ModelConfig, rows: int, seq: int, response: int
     return 6 * block_params * tokens + head + attention
 
 
-def build(shape: str, weights: torch.dtype, checkpointing: bool) -> Transformer:
+def build(shape: str, weights: torch.dtype, checkpointing: bool, lora_rank: int = 0
+          ) -> Transformer:
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(weights)
     with torch.device("cuda"):
         model = Transformer(model_config(shape), activation_checkpointing=checkpointing)
     torch.set_default_dtype(previous)
+    if lora_rank:
+        apply_lora(model, lora_rank, 16.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+        model.to("cuda")
     return model.train()
 
 
@@ -127,11 +131,11 @@ def time_steps(model: Transformer, pairs_per_step: int, prompt: int, response: i
 
 def sweep_batches(shape: str, weights: torch.dtype, autocast: torch.dtype | None,
                   checkpointing: bool, batches: list[int], prompt: int, response: int,
-                  steps: int, peak: float) -> dict:
+                  steps: int, peak: float, lora_rank: int = 0) -> dict:
     label = f"{shape} weights={str(weights)[6:]} autocast={autocast and str(autocast)[6:]} " \
-            f"ckpt={checkpointing}"
+            f"ckpt={checkpointing} lora={lora_rank}"
     results, largest = [], 0
-    model = build(shape, weights, checkpointing)
+    model = build(shape, weights, checkpointing, lora_rank)
     for pairs_per_step in batches:
         try:
             r = time_steps(model, pairs_per_step, prompt, response, autocast, steps)
@@ -142,6 +146,8 @@ def sweep_batches(shape: str, weights: torch.dtype, autocast: torch.dtype | None
             model.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
+        if lora_rank:  # frozen weights need no weight gradients: 4N FLOPs per token, not 6N
+            r["model_tflops"] *= 4 / 6
         r["mfu"] = r["model_tflops"] * 1e12 / peak
         results.append(r)
         largest = pairs_per_step
@@ -301,6 +307,11 @@ def main() -> None:
         results["7b_bf16_weights_ckpt"] = sweep_batches("7b", torch.bfloat16, None, True,
                                                         [1, 2, 4, 8, 16], prompt, response,
                                                         steps, peak)
+        save()
+    if "lora" in sections:
+        results["7b_lora16_fp32_autocast_ckpt"] = sweep_batches(
+            "7b", torch.float32, torch.bfloat16, True, [4, 8, 16, 32], prompt, response, steps,
+            peak, lora_rank=16)
         save()
     if "score" in sections:
         results["7b_scoring_sampling"] = scoring_and_sampling("7b", prompt, response)

@@ -1,15 +1,24 @@
-"""Response log-probs: shift and mask on the label side, sums in fp32, chunked head = full head."""
+"""Response log-probs: shift and mask on the label side, sums in fp32, chunked head = full head,
+and a shared-prompt row per pair = two rows of their own."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ropo.data import TokenizedPair
-from ropo.logps import collate_pairs, response_logps, score_pairs, sequence_logps
+from ropo.logps import (
+    collate_pairs,
+    collate_sequences,
+    response_logps,
+    score_pairs,
+    sequence_logps,
+    shared_prompt_mask,
+)
 from ropo.models import ModelConfig, Transformer
 
 
-def tiny_model(vocab: int = 50) -> Transformer:
+def tiny_model(vocab: int = 50, sliding_window: int | None = None) -> Transformer:
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=vocab,
@@ -22,9 +31,9 @@ def tiny_model(vocab: int = 50) -> Transformer:
         norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=128,
-        sliding_window=None,
+        sliding_window=sliding_window,
         tie_word_embeddings=False,
-        architecture="LlamaForCausalLM",
+        architecture="LlamaForCausalLM" if sliding_window is None else "MistralForCausalLM",
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -44,14 +53,51 @@ def naive_logp(model: Transformer, prompt: tuple[int, ...], response: tuple[int,
     return sum(logps[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
 
 
-def test_batch_layout_chosen_rows_first_with_label_side_mask() -> None:
-    batch = collate_pairs(PAIRS, pad_id=0)
-    assert batch.input_ids.shape == (4, 8)  # longest row 7 tokens, padded to a multiple of 8
-    assert batch.input_ids[0, :7].tolist() == [1, 5, 6, 7, 8, 9, 2]
-    assert batch.input_ids[2, :6].tolist() == [1, 5, 6, 7, 10, 2]
+def test_sequence_layout_marks_response_tokens_on_the_label_side() -> None:
+    prompts = [p.prompt_ids for p in PAIRS] * 2
+    responses = [p.chosen_ids for p in PAIRS] + [p.rejected_ids for p in PAIRS]
+    input_ids, attention_mask, response_mask = collate_sequences(prompts, responses, pad_id=0)
+    assert input_ids.shape == (4, 8)  # longest row 7 tokens, padded to a multiple of 8
+    assert input_ids[0, :7].tolist() == [1, 5, 6, 7, 8, 9, 2]
+    assert input_ids[2, :6].tolist() == [1, 5, 6, 7, 10, 2]
     # the response mask marks response tokens themselves, EOS included, prompt and pad excluded
-    assert batch.response_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
-    assert batch.attention_mask[3].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert response_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
+    assert attention_mask[3].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+
+
+def test_pair_layout_shares_the_prompt() -> None:
+    batch = collate_pairs(PAIRS, pad_id=0)
+    # pair a: [1 5 6 7 | 8 9 2 | 10 2], 9 tokens; pair b: 10 tokens; padded to 16
+    assert batch.input_ids.shape == (2, 16)
+    assert batch.input_ids[0, :10].tolist() == [1, 5, 6, 7, 8, 9, 2, 10, 2, 0]
+    assert batch.segments[0, :10].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, -1]
+    # the rejected response's positions restart right after the prompt (4 tokens)
+    assert batch.positions[0, :9].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5]
+    # chosen tokens 8 9 2 are predicted from slots 3 4 5; rejected 10 2 from slots 3 (the
+    # prompt's end, not the chosen EOS) and 7; pair b starts at flat index 16
+    M_a = 5
+    assert batch.predictors[:M_a].tolist() == [3, 4, 5, 3, 7]
+    assert batch.targets[:M_a].tolist() == [8, 9, 2, 10, 2]
+    assert batch.predictors[M_a:].tolist() == [17, 18, 19, 20, 21, 17, 23, 24]
+    assert batch.owners.tolist() == [0, 0, 0, 2, 2, 1, 1, 1, 1, 1, 3, 3, 3]
+    assert batch.lengths.tolist() == [3.0, 5.0, 2.0, 3.0]
+
+
+def test_shared_prompt_mask_hides_the_other_response() -> None:
+    batch = collate_pairs(PAIRS, pad_id=0)
+    mask = shared_prompt_mask(batch.segments, batch.positions, sliding_window=None)[0, 0]
+    assert mask[7, :10].tolist() == [1, 1, 1, 1, 0, 0, 0, 1, 0, 0]  # rejected: prompt + itself
+    assert mask[6, :10].tolist() == [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]  # chosen: causal
+    # a pad query (never read) reads the prompt and itself, so its softmax stays finite
+    assert mask[12].tolist() == [1, 1, 1, 1] + [0] * 8 + [1, 0, 0, 0]
+    windowed = shared_prompt_mask(batch.segments, batch.positions, sliding_window=2)[0, 0]
+    # rejected token at position 5 (slot 8) reads positions 4 and 5 (slots 7, 8) only
+    assert windowed[8, :10].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 0]
+
+
+def test_pair_without_prompt_is_refused() -> None:
+    with pytest.raises(ValueError, match="pair x"):
+        collate_pairs([TokenizedPair("x", (), (3, 2), (4, 2))], pad_id=0)
 
 
 def test_summed_logps_equal_unbatched_computation() -> None:
@@ -72,15 +118,56 @@ def test_summed_logps_equal_unbatched_computation() -> None:
     assert torch.allclose(mean.chosen, logps.chosen / torch.tensor([3.0, 5.0]))
 
 
+def test_sliding_window_holds_in_the_shared_layout() -> None:
+    # Window 3 is shorter than every sequence: a wrong key in the rejected response's window
+    # (chosen tokens, or a window counted in slots) would change its log-prob.
+    model = tiny_model(sliding_window=3).eval()
+    with torch.no_grad():
+        logps = response_logps(model, collate_pairs(PAIRS, pad_id=0))
+    for i, pair in enumerate(PAIRS):
+        want = naive_logp(model, pair.prompt_ids, pair.rejected_ids)
+        assert abs(logps.rejected[i].item() - want) < 1e-4
+        want = naive_logp(model, pair.prompt_ids, pair.chosen_ids)
+        assert abs(logps.chosen[i].item() - want) < 1e-4
+
+
+def test_shared_prompt_gradients_equal_two_rows() -> None:
+    model = tiny_model()
+    shared = response_logps(model, collate_pairs(PAIRS, pad_id=0))
+    (shared.chosen.sum() - 2 * shared.rejected.sum()).backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    prompts = [p.prompt_ids for p in PAIRS] * 2
+    responses = [p.chosen_ids for p in PAIRS] + [p.rejected_ids for p in PAIRS]
+    sums, _ = sequence_logps(model, *collate_sequences(prompts, responses, pad_id=0))
+    (sums[:2].sum() - 2 * sums[2:].sum()).backward()
+    assert torch.allclose(shared.chosen, sums[:2], atol=1e-5)
+    assert torch.allclose(shared.rejected, sums[2:], atol=1e-5)
+    for want, p in zip(want_grads, model.parameters(), strict=True):
+        assert torch.allclose(p.grad, want, atol=1e-5)
+
+
+def test_attn_mask_cannot_extend_a_cache() -> None:
+    from ropo.models.llama import KVCache
+
+    model = tiny_model()
+    cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="KVCache"):
+        model.hidden_states(
+            torch.ones(1, 2, dtype=torch.long),
+            kv_cache=cache,
+            attn_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool),
+        )
+
+
 def test_chunked_head_gives_same_values_and_gradients() -> None:
     model = tiny_model()
     batch = collate_pairs(PAIRS, pad_id=0)
     results = []
-    for chunk in (1, 3, 1024):
+    for chunk in (1, 3, 1024):  # recomputed in backward for 1 and 3, kept for 1024
         model.zero_grad()
-        sums, _ = sequence_logps(
-            model, batch.input_ids, batch.attention_mask, batch.response_mask, chunk_tokens=chunk
-        )
+        logps = response_logps(model, batch, chunk_tokens=chunk)
+        sums = torch.cat([logps.chosen, logps.rejected])
         sums.sum().backward()
         results.append(
             (

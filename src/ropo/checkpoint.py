@@ -5,6 +5,11 @@ A checkpoint directory holds the policy (`save_model`: config.json + safetensors
 with the sha256 of every file. It is written under a temporary name, fsynced and renamed; the
 `LATEST` pointer is replaced last. A directory without a manifest, or whose files do not match
 it, is never loaded as if complete.
+
+With LoRA the policy part is only `lora.safetensors` (the adapters, our names): the frozen base
+stays in the model directory, and state.json records its sha256 so a resume can check it. Under
+torchrun every rank calls save_checkpoint and the whole tensors are gathered to rank 0, which
+writes the same files one process would: any number of processes can resume from them.
 """
 
 from __future__ import annotations
@@ -13,17 +18,28 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ropo.distributed import (
+    barrier,
+    gather_optimizer_state,
+    gather_weights,
+    is_main,
+    load_optimizer_state,
+    world_size,
+)
 from ropo.faults import maybe_crash
 from ropo.models.llama import Transformer
-from ropo.models.load import load_model, save_model
+from ropo.models.load import save_weights
+from ropo.models.lora import has_lora
 
 MANIFEST = "manifest.json"
+LORA_FILE = "lora.safetensors"
 
 
 def save_checkpoint(
@@ -34,15 +50,41 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `name` under run_dir/checkpoints atomically and point LATEST at it."""
+    """Write checkpoint `name` under run_dir/checkpoints atomically and point LATEST at it.
+
+    Under torchrun every rank must call this; rank 0 writes, and all return once it is on disk.
+    """
+    lora = has_lora(model)
+    weights = gather_weights(model, trainable_only=lora)  # collective under FSDP
+    optimizer_state = gather_optimizer_state(model, optimizer)
     root = run_dir / "checkpoints"
+    if is_main():
+        _write_checkpoint(root, name, model, weights, optimizer_state, state, lora, keep_last)
+    barrier()
+    return root / name
+
+
+def _write_checkpoint(
+    root: Path,
+    name: str,
+    model: Transformer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    lora: bool,
+    keep_last: int,
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     for stale in root.glob(".tmp-*"):  # left by a killed run; for a 7B model tens of GB
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    save_model(model, tmp)
-    tensors, groups = _flatten_optimizer(optimizer)
+    tmp.mkdir()
+    if lora:
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / LORA_FILE))
+    else:
+        save_weights(model.config, weights, tmp)
+    tensors, groups = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -58,7 +100,6 @@ def save_checkpoint(
     os.replace(tmp, final)
     _write_atomic(root / "LATEST", name)
     _prune(root, keep=keep_last, current=name)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -91,16 +132,23 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def load_checkpoint(
-    path: Path, optimizer_for: Any, dtype: torch.dtype | None, device: str | torch.device
+    path: Path,
+    load_policy: Callable[[Path], Transformer],
+    optimizer_for: Callable[[Transformer], torch.optim.Optimizer],
+    device: str | torch.device,
 ) -> tuple[Transformer, torch.optim.Optimizer, dict[str, Any]]:
-    """Model, optimizer (built by `optimizer_for(model)`, then restored) and state of `path`."""
+    """Model (`load_policy(path)`: from the HF files, or base + `load_adapters`), optimizer
+    (built by `optimizer_for(model)`, then restored) and state of `path`."""
     verify_checkpoint(path)
-    model = load_model(path, dtype=dtype, device=device)
-    model.train()
+    model = load_policy(path)
     optimizer = optimizer_for(model)
     state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("param_groups")))
+    groups, saved = state.pop("param_groups"), {}
+    if is_main():  # under FSDP rank 0 reads the whole state on the CPU and sends out the shards
+        where = str(device) if world_size() == 1 else "cpu"
+        tensors = load_file(str(path / "optimizer.safetensors"), device=where)
+        saved = _unflatten_optimizer(tensors, groups)
+    load_optimizer_state(model, optimizer, saved)
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -108,8 +156,26 @@ def load_checkpoint(
     return model, optimizer, state
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    full = optimizer.state_dict()
+def load_adapters(model: Transformer, path: Path, base_sha256: str) -> None:
+    """Copy the LoRA adapters of checkpoint `path` into `model`, which must already carry
+    adapters of the same shapes on the base model whose fingerprint is `base_sha256`."""
+    saved = json.loads((path / "state.json").read_text()).get("base_model_sha256")
+    if saved != base_sha256:
+        raise ValueError(
+            f"checkpoint {path} trained LoRA adapters on a base model with sha256 {saved}, but "
+            f"the model directory now has {base_sha256}: resume needs the same base weights"
+        )
+    adapters = load_file(str(path / LORA_FILE))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != expected:
+        raise ValueError(
+            f"checkpoint {path}/{LORA_FILE} holds {sorted(set(adapters) ^ expected)[:5]}, which "
+            f"the model's adapters do not match (other lora_rank or lora_targets?)"
+        )
+    model.load_state_dict(adapters, strict=False)
+
+
+def _flatten_optimizer(full: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list]:
     tensors = {}
     for index, per_param in full["state"].items():
         for key, value in per_param.items():

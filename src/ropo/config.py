@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+# Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
 
 def _key(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -39,10 +42,28 @@ class ModelSettings:
     )
     device: str = _key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     activation_checkpointing: bool = _key(False, "recompute each block in backward to save memory")
+    lora_rank: int = _key(
+        0,
+        "rank r of LoRA adapters on the frozen model (0 = full fine-tuning); only the adapters "
+        "train, and <out>/final holds them merged into the weights",
+    )
+    lora_alpha: float = _key(16.0, "LoRA scale numerator: the adapter output is times alpha / r")
+    lora_targets: str = _key(
+        ",".join(LORA_TARGETS),
+        "comma-separated projections that get adapters: wq,wk,wv,wo (attention), w1,w2,w3 (MLP)",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("autocast", self.autocast, ("none", "bfloat16"))
+        _check_range("lora_rank", self.lora_rank, 0, None)
+        _check_range("lora_alpha", self.lora_alpha, 0.0, None, low_open=True)
+        targets = self.lora_targets.split(",")
+        if not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"config key 'lora_targets' = {self.lora_targets!r} must be distinct names "
+                f"from {','.join(LORA_TARGETS)}, separated by commas"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Tokenised pairs -> padded batches -> summed response log-probs.
 
-Sits between the data and the losses: `collate_pairs` puts the chosen and rejected rows of a batch
-into one right-padded tensor (one forward for both), and `response_logps` turns the model's hidden
-states into per-sequence log-probs of the response tokens.
+Sits between the data and the losses: `collate_pairs` lays each pair out as one row
+[prompt | chosen | rejected], so one forward computes the shared prompt once for both responses,
+and `response_logps` turns the model's hidden states into per-response summed log-probs.
+`collate_sequences` / `sequence_logps` do the same for plain prompt+response rows.
 
-Notation: B pairs, R = 2B rows (chosen rows first, then rejected), T padded length, C model width,
-V vocabulary, M number of response tokens in the batch.
+Notation: B pairs, R rows, T padded length, C model width, V vocabulary, M number of response
+tokens in the batch.
 """
 
 from __future__ import annotations
@@ -20,27 +21,35 @@ from torch.utils.checkpoint import checkpoint
 from ropo.data import TokenizedPair
 from ropo.models.llama import Transformer
 
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # segment ids of PreferenceBatch.segments
+
 
 @dataclass
 class PreferenceBatch:
-    """B pairs as 2B right-padded rows: rows [0, B) are chosen, rows [B, 2B) rejected."""
+    """B pairs, one right-padded row each: [prompt | chosen | rejected | pad], shape (B, T).
+
+    Both responses read the prompt's keys, neither reads the other's, and the rejected positions
+    restart after the prompt (`shared_prompt_mask`): each response sees exactly the context a row
+    of its own would give it, and the prompt is computed once instead of twice.
+    """
 
     ids: list[str]
-    input_ids: Tensor  # (R, T) long
-    attention_mask: Tensor  # (R, T) 1 = real token
-    response_mask: Tensor  # (R, T) 1 where the token at t belongs to the response (label side)
+    input_ids: Tensor  # (B, T) long
+    positions: Tensor  # (B, T) RoPE position of every token
+    segments: Tensor  # (B, T) PROMPT, CHOSEN, REJECTED or PAD
+    predictors: Tensor  # (M,) flat index b * T + t of the hidden state that predicts each target
+    targets: Tensor  # (M,) the response tokens, pair by pair, chosen before rejected
+    owners: Tensor  # (M,) whose token: b for pair b's chosen response, B + b for its rejected one
+    lengths: Tensor  # (2B,) float response lengths: chosen ones, then rejected ones
 
     @property
     def num_pairs(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(
-            self.ids,
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.response_mask.to(device),
-        )
+        tensors = (self.input_ids, self.positions, self.segments, self.predictors, self.targets)
+        moved = [t.to(device) for t in (*tensors, self.owners, self.lengths)]
+        return PreferenceBatch(self.ids, *moved)
 
 
 @dataclass
@@ -94,18 +103,74 @@ def collate_sequences(
     return input_ids, attention_mask, response_mask
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
-    """B pairs as one (2B, T) batch, chosen rows first, so that one forward serves both."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    return PreferenceBatch([p.id for p in pairs], *collate_sequences(prompts, responses, pad_id))
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], pad_id: int, pad_to_multiple: int = 8
+) -> PreferenceBatch:
+    """B pairs as one (B, T) batch of [prompt | chosen | rejected] rows; see PreferenceBatch."""
+    B = len(pairs)
+    longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    T = -(-longest // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segments = torch.full((B, T), PAD, dtype=torch.long)
+    predictors, slots, owners = [], [], []
+    for b, pair in enumerate(pairs):
+        P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        if P == 0 or C == 0 or R == 0:
+            raise ValueError(
+                f"pair {pair.id}: prompt and both responses need a token (P={P}, C={C}, R={R})"
+            )
+        end = P + C + R
+        input_ids[b, :end] = torch.tensor([*pair.prompt_ids, *pair.chosen_ids, *pair.rejected_ids])
+        positions[b, : P + C] = torch.arange(P + C)
+        positions[b, P + C : end] = torch.arange(P, P + R)  # as if right after the prompt
+        segments[b, :P] = PROMPT
+        segments[b, P : P + C] = CHOSEN
+        segments[b, P + C : end] = REJECTED
+        # The hidden state just before a token predicts it, within the token's own sequence: for
+        # the first token of either response that is the prompt's last position.
+        chosen_from = torch.arange(P - 1, P + C - 1)
+        rejected_from = torch.cat([torch.tensor([P - 1]), torch.arange(P + C, P + C + R - 1)])
+        predictors += [b * T + chosen_from, b * T + rejected_from]
+        slots.append(b * T + torch.arange(P, end))
+        owners += [torch.full((C,), b), torch.full((R,), B + b)]
+    predictors, owners = torch.cat(predictors), torch.cat(owners)  # (M,) each
+    targets = input_ids.flatten()[torch.cat(slots)]  # (M,)
+    lengths = torch.bincount(owners, minlength=2 * B).to(torch.float32)
+    return PreferenceBatch(
+        [p.id for p in pairs], input_ids, positions, segments, predictors, targets, owners, lengths
+    )
 
 
-def response_logps(model: Transformer, batch: PreferenceBatch) -> PairLogps:
+def shared_prompt_mask(segments: Tensor, positions: Tensor, sliding_window: int | None) -> Tensor:
+    """(B, 1, T, T) bool, True where query t may read key s.
+
+    Allowed: s <= t, s is no pad, s is in the prompt or in t's own response, and (Mistral) s is
+    fewer than `sliding_window` positions back, counted in RoPE positions as in a row of its own.
+    """
+    T = segments.shape[1]
+    slot = torch.arange(T, device=segments.device)
+    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+    allowed = (slot[None, :] <= slot[:, None]) & (key != PAD) & ((key == PROMPT) | (key == query))
+    if sliding_window is not None:
+        allowed &= positions[:, :, None] - positions[:, None, :] < sliding_window
+    # A pad query with every key masked would give NaN, which later layers would spread through
+    # zero-weighted values into real rows; letting it read itself keeps it finite.
+    return (allowed | (slot[None, :] == slot[:, None]))[:, None]  # (B, 1, T, T)
+
+
+def response_logps(
+    model: Transformer, batch: PreferenceBatch, chunk_tokens: int = 1024
+) -> PairLogps:
     """Summed fp32 log-probs of the chosen and rejected responses of `batch`, (B,) each."""
-    sums, counts = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    mask = shared_prompt_mask(batch.segments, batch.positions, model.config.sliding_window)
+    hidden = model.hidden_states(batch.input_ids, positions=batch.positions, attn_mask=mask)
+    selected = hidden.flatten(0, 1)[batch.predictors]  # (M, C)
+    token_logps = _head_logps(model.output.weight, selected, batch.targets, chunk_tokens)  # (M,)
     B = batch.num_pairs
-    return PairLogps(sums[:B], sums[B:], counts[:B], counts[B:])
+    sums = torch.zeros(2 * B, dtype=torch.float32, device=hidden.device)
+    sums = sums.index_add(0, batch.owners, token_logps)  # (2B,)
+    return PairLogps(sums[:B], sums[B:], batch.lengths[:B], batch.lengths[B:])
 
 
 def sequence_logps(
@@ -118,8 +183,7 @@ def sequence_logps(
     """Summed log-prob of the response tokens of each row, (R,), and their count, (R,).
 
     The LM head and log-softmax run only at the M positions that predict a response token, in
-    chunks of `chunk_tokens`, and each chunk is recomputed in backward instead of kept: the full
-    (R, T, V) logits are never materialised.
+    chunks of `chunk_tokens` (see `_head_logps`): the full (R, T, V) logits are never materialised.
     """
     # Rows are right-padded, so under causal attention no real token can see a pad: the padding
     # mask changes only the pad positions' outputs, which are never read. Leaving it out selects
@@ -132,14 +196,7 @@ def sequence_logps(
     rows = torch.nonzero(label_mask, as_tuple=True)[0]  # (M,) which row each token is in
     targets = input_ids[:, 1:][label_mask]  # (M,)
     selected = hidden[:, :-1][label_mask]  # (M, C)
-    token_logps = torch.cat(
-        [
-            _chunk_logps(
-                model.output.weight, selected[i : i + chunk_tokens], targets[i : i + chunk_tokens]
-            )
-            for i in range(0, selected.shape[0], chunk_tokens)
-        ]
-    )  # (M,)
+    token_logps = _head_logps(model.output.weight, selected, targets, chunk_tokens)  # (M,)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
     sums = sums.index_add(0, rows, token_logps)  # (R,)
     return sums, label_mask.sum(dim=1).to(torch.float32)
@@ -147,14 +204,28 @@ def sequence_logps(
 
 def _token_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor) -> Tensor:
     logits = (hidden @ head_weight.T).float()  # (m, V)
-    # log p(target) = logit[target] - logsumexp(logits), both in fp32 (bf16 logsumexp is unstable)
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    # log-softmax in fp32 (bf16 logsumexp is unstable). Its fused kernel, forward and backward,
+    # costs a third of logit[target] - logsumexp(logits) on CPU, for the same (m, V) kept.
+    return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def _chunk_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return checkpoint(_token_logps, head_weight, hidden, targets, use_reentrant=False)
-    return _token_logps(head_weight, hidden, targets)
+def _head_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """log p(target), (M,), for hidden (M, C): the LM head over chunks of `chunk_tokens` rows.
+
+    With several chunks, each is recomputed in backward instead of kept, so one chunk's (m, V)
+    logits exist at a time. A lone chunk is kept: backward needs all of its logits at once anyway,
+    so recomputing it would cost a matmul and save no memory.
+    """
+    starts = range(0, hidden.shape[0], chunk_tokens)
+    recompute = len(starts) > 1 and torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for i in starts:
+        chunk = (head_weight, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
+        if recompute:
+            parts.append(checkpoint(_token_logps, *chunk, use_reentrant=False))
+        else:
+            parts.append(_token_logps(*chunk))
+    return torch.cat(parts)
 
 
 @torch.inference_mode()
@@ -164,11 +235,12 @@ def score_pairs(
     batch_size: int,
     pad_id: int,
     desc: str = "scoring",
+    progress: bool = True,
 ) -> PairLogps:
     """Summed response log-probs of every pair, (N,) each, in eval mode without autograd.
 
     Pairs are scored in length order so that each batch pads to similar lengths; the result is in
-    the order of `pairs`.
+    the order of `pairs`. `progress=False` hides the bar (every rank but one under torchrun).
     """
     from tqdm.auto import tqdm  # progress bars only where the long passes run
 
@@ -178,7 +250,8 @@ def score_pairs(
     order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))
     parts: list[tuple[list[int], PairLogps]] = []
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 4):
+    hide = not progress or len(starts) < 4
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=hide):
         index = order[start : start + batch_size]
         batch = collate_pairs([pairs[i] for i in index], pad_id).to(device)
         parts.append((index, response_logps(model, batch)))
@@ -187,7 +260,7 @@ def score_pairs(
 
 
 def _pair_length(pair: TokenizedPair) -> int:
-    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)  # its row in a batch
 
 
 def _reorder(parts: list[tuple[list[int], PairLogps]], n: int) -> PairLogps:

@@ -112,6 +112,30 @@ def reference_logps(
     Otherwise the reference model is loaded from `model_dir`, scores every pair once in eval mode,
     and is freed again; the result is written atomically so a crash never leaves half a cache.
     """
+    path, fingerprint = cache_location(model_dir, pairs, cache_dir, dtype, device)
+    ids = [pair.id for pair in pairs]
+    if path.is_file():
+        cached = read_cache(path, fingerprint, ids)
+        if cached is not None:
+            return cached
+    reference = load_model(model_dir, dtype=dtype, device=device)
+    logps = score_pairs(reference, pairs, batch_size, pad_id, desc="reference log-probs")
+    del reference
+    write_cache(path, fingerprint, ids, logps)
+    return RefLogps(ids, logps, fingerprint)
+
+
+def cache_location(
+    model_dir: str | Path,
+    pairs: Sequence[TokenizedPair],
+    cache_dir: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> tuple[Path, str]:
+    """The cache file for these reference log-probs and its full fingerprint.
+
+    Reads the autocast state of the caller: log-probs under bf16 autocast are other numbers.
+    """
     autocast = (
         torch.get_autocast_dtype(torch.device(device).type)
         if torch.is_autocast_enabled(torch.device(device).type)
@@ -125,20 +149,13 @@ def reference_logps(
         LOGP_CONVENTION,
     ]
     fingerprint = hashlib.sha256("|".join(key_parts).encode()).hexdigest()
-    path = Path(cache_dir) / f"ref-logps-{fingerprint[:24]}.safetensors"
-    ids = [pair.id for pair in pairs]
-    if path.is_file():
-        cached = _read_cache(path, fingerprint, ids)
-        if cached is not None:
-            return cached
-    reference = load_model(model_dir, dtype=dtype, device=device)
-    logps = score_pairs(reference, pairs, batch_size, pad_id, desc="reference log-probs")
-    del reference
-    _write_cache(path, fingerprint, ids, logps)
-    return RefLogps(ids, logps, fingerprint)
+    return Path(cache_dir) / f"ref-logps-{fingerprint[:24]}.safetensors", fingerprint
 
 
-def _read_cache(path: Path, fingerprint: str, ids: list[str]) -> RefLogps | None:
+def read_cache(path: Path, fingerprint: str, ids: list[str]) -> RefLogps | None:
+    """The log-probs cached at `path` if it holds this fingerprint and these ids, else None."""
+    if not path.is_file():
+        return None
     tensors = load_file(str(path))
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
@@ -152,7 +169,8 @@ def _read_cache(path: Path, fingerprint: str, ids: list[str]) -> RefLogps | None
     return RefLogps(ids, logps, fingerprint)
 
 
-def _write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) -> None:
+def write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) -> None:
+    """Write the log-probs of `ids` to `path`: tensors first, the json vouching for them last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "chosen": logps.chosen,

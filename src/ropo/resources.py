@@ -1,18 +1,26 @@
 """Device choice and a memory estimate made before any weight is loaded.
 
 A 7B run that cannot fit should fail in a second with the arithmetic, not after minutes of
-loading with an out-of-memory error from deep inside torch.
+loading with an out-of-memory error from deep inside torch. The estimate is per process: FSDP
+(torchrun) divides what it shards by the number of processes.
+
+Notation: n parameters, C model width, M MLP width (intermediate_size), r LoRA rank, W processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
+from ropo.config import RunConfig
 from ropo.models.llama import ModelConfig
+
+BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30
 
 
 def pick_device(name: str) -> torch.device:
@@ -25,15 +33,71 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def training_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes for weights, gradients and AdamW's two moments (full fine-tuning, one process).
+def lora_params(config: ModelConfig, rank: int, targets: list[str]) -> int:
+    """Adapter parameters: r * (fan_in + fan_out) for every target projection of every layer."""
+    C, M = config.dim, config.intermediate_size
+    heads, kv_heads = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    fans = {
+        "wq": C + heads,
+        "wk": C + kv_heads,
+        "wv": C + kv_heads,
+        "wo": heads + C,
+        "w1": C + M,
+        "w2": M + C,
+        "w3": C + M,
+    }
+    return config.n_layers * rank * sum(fans[name] for name in targets)
 
-    Activations come on top and depend on batch and length; the reference model is not counted
-    because its log-probs come from the cache.
+
+def activation_bytes(config: ModelConfig, tokens: int, width: int, checkpointing: bool) -> int:
+    """Rough bytes kept for backward by a micro-batch of `tokens` tokens.
+
+    A block keeps about 14 C + 5 M values per token (norm inputs and statistics, q/k/v, attention
+    output, the three SwiGLU products); for Llama-2-7B that is 27 C. Checkpointing keeps only
+    each block's input (C per token and layer) plus one block's worth while it is recomputed.
     """
-    n = config.num_params()
-    width = torch.finfo(dtype).bits // 8
-    return {"weights": n * width, "gradients": n * width, "adamw_moments": 2 * n * width}
+    per_block = tokens * (14 * config.dim + 5 * config.intermediate_size) * width
+    if checkpointing:
+        return tokens * config.dim * config.n_layers * width + per_block
+    return per_block * config.n_layers
+
+
+def training_bytes(config: ModelConfig, cfg: RunConfig, world_size: int = 1) -> dict[str, int]:
+    """Bytes per process by part: weights, gradients and AdamW's two moments (for the trained
+    parameters only: all, or the LoRA adapters), activations, and under FSDP (W > 1) the
+    unsharded working set. Weights, gradients and moments are sharded W ways.
+
+    The reference model is not counted: its log-probs come from the cache.
+    """
+    model, width = cfg.model, BYTES_PER_VALUE[cfg.model.dtype]
+    n_adapters = lora_params(config, model.lora_rank, model.lora_targets.split(","))
+    n_base = config.num_params()
+    n_trained = n_adapters if model.lora_rank else n_base
+    shard = lambda n_bytes: math.ceil(n_bytes / world_size)
+    parts = {
+        "weights": shard((n_base + n_adapters) * width),
+        "gradients": shard(n_trained * width),
+        "adamw_moments": shard(2 * n_trained * width),
+    }
+    value_width = 2 if model.autocast == "bfloat16" else width
+    pairs = math.ceil(cfg.optim.batch_size / world_size)  # each process's share of a micro-batch
+    tokens = 2 * pairs * cfg.data.max_length  # chosen and rejected rows, padded at most this far
+    parts["activations"] = activation_bytes(
+        config, tokens, value_width, model.activation_checkpointing
+    )
+    if model.autocast == "bfloat16" and width > 2:  # bf16 copies of the weights kept for backward
+        block = _block_params(config)
+        parts["autocast_copies"] = 2 * (block if model.activation_checkpointing else n_base)
+    if world_size > 1:  # embeddings, head and about two blocks gathered at a time
+        root = n_base - config.n_layers * _block_params(config)
+        parts["fsdp_unsharded"] = (root + 2 * _block_params(config)) * width
+    return parts
+
+
+def _block_params(config: ModelConfig) -> int:
+    C, kv = config.dim, config.n_kv_heads * config.head_dim
+    heads = config.n_heads * config.head_dim
+    return 2 * C * heads + 2 * C * kv + 3 * C * config.intermediate_size + 2 * C
 
 
 def available_bytes(device: torch.device) -> int:
@@ -43,21 +107,24 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, activation_checkpointing: bool
-) -> None:
-    """Raise MemoryError with the estimate when the model cannot be trained on `device`."""
+def check_memory(model_dir: Path, cfg: RunConfig, device: torch.device, world_size: int = 1) -> str:
+    """The estimate as one line to print; MemoryError with the same arithmetic when the
+    model cannot be trained on `device` (per process, `world_size` processes)."""
     config = ModelConfig.from_hf(
         json.loads((model_dir / "config.json").read_text()), source=str(model_dir / "config.json")
     )
-    need = training_bytes(config, dtype)
-    total = sum(need.values())
-    have = available_bytes(device)
+    need = training_bytes(config, cfg, world_size)
+    total, have = sum(need.values()), available_bytes(device)
+    parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items())
+    where = f" per process ({world_size} processes)" if world_size > 1 else ""
+    summary = (
+        f"memory estimate{where}: {total / GiB:.1f} GiB ({parts} GiB); "
+        f"{device} has {have / GiB:.1f} GiB free"
+    )
     if total > have:
-        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in need.items())
-        hint = "" if activation_checkpointing else " (activations not counted)"
         raise MemoryError(
-            f"{model_dir.name}: training needs about {total / 2**30:.1f} GiB ({parts}){hint} but "
-            f"{device} has {have / 2**30:.1f} GiB free. Use dtype=bfloat16, a bigger device, or "
-            f"several GPUs."
+            f"{model_dir.name}: {summary}. Options: dtype=bfloat16, lora_rank=16, "
+            f"activation_checkpointing=true, a smaller batch_size (more grad_accum keeps the "
+            f"step), max_length, or more GPUs with torchrun (docs/scaling.md)."
         )
+    return summary

@@ -4,7 +4,8 @@
     for each round:  train on the kept pairs (+ sampled pairs) with the chosen loss  (theta-step)
                      score every pair with the policy, keep the lowest-loss (1 - rho) N  (w-step)
                      write the audit; optionally sample new pairs for dropped prompts
-`loss=dpo rounds=1 rho=0` is plain DPO through the same code.
+`loss=dpo rounds=1 rho=0` is plain DPO through the same code. Under torchrun every process runs
+this same loop; distributed.py shards the model, the steps and the scoring, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ropo import audit
-from ropo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ropo import audit, distributed
+from ropo.checkpoint import latest_checkpoint, load_adapters, load_checkpoint, save_checkpoint
 from ropo.config import OptimSettings, RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
+from ropo.distributed import is_main, rank_share, sum_over_ranks
 from ropo.faults import maybe_crash
 from ropo.filter.rejection import rejection_sample
 from ropo.filter.weights import DropDecision, select_drops
-from ropo.logps import PairLogps, collate_pairs, response_logps, score_pairs
+from ropo.logps import PairLogps, collate_pairs, response_logps
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
-from ropo.models import Tokenizer, load_model, load_tokenizer, save_model
+from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.llama import ModelConfig, Transformer
+from ropo.models.load import save_weights
+from ropo.models.lora import apply_lora, merged_weights
 from ropo.presets import resolve_data, resolve_model
-from ropo.ref_cache import RefLogps, fingerprint_pairs, reference_logps
-from ropo.resources import check_memory, pick_device
+from ropo.ref_cache import RefLogps, fingerprint_model_dir, fingerprint_pairs, reference_logps
+from ropo.resources import check_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,14 +97,17 @@ class Run:
     loss_fn: PreferenceLoss
     dtype: torch.dtype
     step: StepSettings
+    base_sha256: str = ""  # with LoRA: fingerprint of the frozen base that checkpoints rely on
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the whole ROPO pipeline described by `cfg`; returns the run directory."""
     run = start_run(cfg)
     device = run.step.device
+    # Several processes share the reference scoring; one reads or fills the cache alone.
+    several = distributed.world_size() > 1
     with autocast(device, run.step.autocast):
-        ref = reference_logps(
+        ref = (distributed.shared_reference_logps if several else reference_logps)(
             run.model_dir,
             run.data.tokens,
             cfg.run.cache_dir or run.out / "cache",
@@ -127,16 +134,17 @@ def train(cfg: RunConfig) -> Path:
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
         maybe_crash("round_end")
         save_checkpoint(
-            run.out, f"round-{round_idx + 1}", policy, optimizer, checkpoint_state(state, cfg)
+            run.out, f"round-{round_idx + 1}", policy, optimizer, checkpoint_state(state, run)
         )
-    save_model(policy, run.out / "final")
-    shutil.copy(run.model_dir / "tokenizer.model", run.out / "final" / "tokenizer.model")
-    if state.n_skipped_nonfinite:
-        print(f"skip_nonfinite: {state.n_skipped_nonfinite} steps skipped for a NaN/inf value")
-    print(
-        f"done: {run.out}/final (model), {run.out}/pairs.jsonl, {run.out}/metrics.jsonl, "
-        f"{run.out}/cleaned.jsonl"
-    )
+    save_final(run, policy)
+    if is_main():
+        if state.n_skipped_nonfinite:
+            print(f"skip_nonfinite: {state.n_skipped_nonfinite} steps skipped for a NaN/inf value")
+        print(
+            f"done: {run.out}/final (model), {run.out}/pairs.jsonl, {run.out}/metrics.jsonl, "
+            f"{run.out}/cleaned.jsonl"
+        )
+    distributed.teardown()
     return run.out
 
 
@@ -145,20 +153,24 @@ def start_run(cfg: RunConfig) -> Run:
     out = Path(cfg.run.resume or cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
-    device = pick_device(cfg.model.device)
+    device = distributed.init(cfg)  # joins the process group under torchrun
     dtype = DTYPES[cfg.model.dtype]
     model_dir = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
-    check_memory(model_dir, dtype, device, cfg.model.activation_checkpointing)
+    memory = check_memory(model_dir, cfg, device, distributed.world_size())
+    if is_main():
+        print(memory)
     loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
     data = prepare_data(cfg, tokenizer, out)
-    print(data.summary)
-    audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
+    if is_main():
+        print(data.summary)
+        audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
     step = StepSettings(
         tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
     )
-    return Run(cfg, out, model_dir, tokenizer, data, loss_fn, dtype, step)
+    base_sha256 = fingerprint_model_dir(model_dir) if cfg.model.lora_rank else ""
+    return Run(cfg, out, model_dir, tokenizer, data, loss_fn, dtype, step, base_sha256)
 
 
 def train_epoch(
@@ -176,7 +188,9 @@ def train_epoch(
     steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
     total_steps = planned_steps(len(run.data.tokens), cfg)
     desc = f"round {round_idx + 1}/{cfg.filter.rounds} epoch {epoch + 1}/{cfg.optim.epochs}"
-    bar = tqdm(total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step")
+    bar = tqdm(
+        total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step", disable=not is_main()
+    )
     for step_idx in range(state.step_in_epoch, len(steps)):
         lr = learning_rate(state.global_step, total_steps, cfg.optim)
         stats = train_step(policy, optimizer, steps[step_idx], ref, run.loss_fn, lr, run.step)
@@ -189,14 +203,15 @@ def train_epoch(
             acc=f"{stats.reward_accuracy:.2f}",
             margin=f"{stats.margin:.3f}",
         )
-        log_step(run.out, state, stats, cfg.run.log_every)
+        if is_main():
+            log_step(run.out, state, stats, cfg.run.log_every)
         if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
             save_checkpoint(
                 run.out,
                 f"step-{state.global_step:07d}",
                 policy,
                 optimizer,
-                checkpoint_state(state, cfg),
+                checkpoint_state(state, run),
             )
     bar.close()
     state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -212,7 +227,8 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     flips = None
     if cfg.data.noise > 0:
         pairs, flips = inject_noise(pairs, cfg.data.noise, cfg.run.seed)
-        (out / "flips.json").write_text(json.dumps(flips))
+        if is_main():
+            (out / "flips.json").write_text(json.dumps(flips))
     tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report)
     if not tokens:
         raise ValueError(f"{path}: no usable pairs left ({report.summary()})")
@@ -235,43 +251,75 @@ def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopS
     optimizer_for = lambda model: make_optimizer(model, cfg.optim)  # noqa: E731
     checkpoint = latest_checkpoint(out) if cfg.run.resume else None
     if checkpoint is None:
-        if cfg.run.resume:
+        if cfg.run.resume and is_main():
             print(f"resume: no checkpoint in {out} yet, starting from the beginning")
-        policy = load_model(run.model_dir, dtype=run.dtype, device=run.step.device)
-        policy.activation_checkpointing = cfg.model.activation_checkpointing
-        policy.train()
-        for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
-            (out / name).unlink(missing_ok=True)
+        policy = build_policy(run)
+        if is_main():
+            for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
+                (out / name).unlink(missing_ok=True)
         return policy, optimizer_for(policy), LoopState()
     policy, optimizer, saved = load_checkpoint(
-        checkpoint, optimizer_for, run.dtype, run.step.device
+        checkpoint, lambda path: build_policy(run, path), optimizer_for, run.step.device
     )
-    policy.activation_checkpointing = cfg.model.activation_checkpointing
     state = LoopState(**saved["loop"])
-    print(
-        f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
-        f"step {state.global_step})"
-    )
-    audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
-    audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
-    audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
-    audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] < state.round_idx)
+    if is_main():
+        print(
+            f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
+            f"step {state.global_step})"
+        )
+        audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
+        audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
+        audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
+        audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] < state.round_idx)
     return policy, optimizer, state
 
 
-def checkpoint_state(state: LoopState, cfg: RunConfig) -> dict[str, Any]:
-    return {"loop": vars(state).copy(), "config": cfg.to_flat_dict()}
+def build_policy(run: Run, checkpoint: Path | None = None) -> Transformer:
+    """The policy to train: weights of the model directory or of `checkpoint`, LoRA adapters
+    when lora_rank > 0 (a checkpoint then holds only them), sharded with FSDP under torchrun."""
+    cfg = run.cfg.model
+    source = checkpoint if checkpoint is not None and not cfg.lora_rank else run.model_dir
+    policy = load_model(source, dtype=run.dtype, device=run.step.device)
+    if cfg.lora_rank:
+        targets = cfg.lora_targets.split(",")
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, targets, seed=run.cfg.run.seed)
+        if checkpoint is not None:
+            load_adapters(policy, checkpoint, run.base_sha256)
+    policy.activation_checkpointing = cfg.activation_checkpointing
+    policy.train()
+    return distributed.shard_model(policy)
+
+
+def checkpoint_state(state: LoopState, run: Run) -> dict[str, Any]:
+    saved = {"loop": vars(state).copy(), "config": run.cfg.to_flat_dict()}
+    if run.base_sha256:  # a LoRA checkpoint holds adapters for exactly this base model
+        saved["base_model_sha256"] = run.base_sha256
+    return saved
+
+
+def save_final(run: Run, policy: Transformer) -> None:
+    """<out>/final: the policy in plain Hugging Face layout (LoRA merged) and the tokenizer."""
+    weights = distributed.gather_weights(policy)  # under FSDP every rank takes part
+    if not is_main():
+        return
+    if run.cfg.model.lora_rank:
+        weights = merged_weights(weights, run.cfg.model.lora_alpha / run.cfg.model.lora_rank)
+    save_weights(policy.config, weights, run.out / "final")
+    shutil.copy(run.model_dir / "tokenizer.model", run.out / "final" / "tokenizer.model")
 
 
 def make_optimizer(model: Transformer, cfg: OptimSettings) -> torch.optim.Optimizer:
-    """AdamW over every parameter (fused kernels on GPU)."""
-    fused = model.output.weight.is_cuda
+    """AdamW over every trained parameter: all of them, or the LoRA adapters.
+
+    The fused kernel (CPU and CUDA) updates every tensor in one pass; transformers' Trainer picks
+    it too. Same update rule, fewer passes over the weights and moments.
+    """
     return torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         betas=(0.9, 0.999),
-        fused=fused or None,
+        fused=True,
     )
 
 
@@ -325,28 +373,32 @@ def train_step(
     """One optimizer step: the per-pair loss averaged over every pair of the step, then AdamW.
 
     Each micro-batch's summed loss is divided by the step's total pair count before backward, so
-    accumulation gives exactly the gradient of one big batch. A NaN/inf loss or gradient norm
-    applies nothing: the gradients are cleared, AdamW does not step, `skipped` says why.
+    accumulation gives exactly the gradient of one big batch; under torchrun each rank takes its
+    share of every micro-batch and the count is still the step's total. A NaN/inf loss or
+    gradient norm applies nothing: the gradients are cleared, AdamW does not step, `skipped`
+    says why.
     Statistics stay on the device until one read at the end, so the host never waits mid-step.
     """
-    n_pairs = sum(len(mb) for mb in micro_batches)
+    n_pairs = sum(len(mb) for mb in micro_batches)  # over all ranks (pitfall 21)
     sums = torch.zeros(3, device=settings.device)  # loss, correct pairs, margin
     finite = []  # (ids, per-pair finiteness) of each micro-batch
-    for pairs in micro_batches:
+    for pairs, n_real in rank_share(micro_batches):  # in one process: every pair, all real
         batch = collate_pairs(pairs, settings.pad_id).to(settings.device)
         with autocast(settings.device, settings.autocast):
             policy = response_logps(model, batch)
         reference = ref.lookup(batch.ids).to(settings.device)
         losses, margins = pair_losses(loss_fn, policy, reference)
+        losses, margins = losses[:n_real], margins[:n_real]  # a filler pair counts for nothing
         (losses.sum() / n_pairs).backward()
         sums += torch.stack([losses.detach().sum(), (margins > 0).sum(), margins.sum()])
-        finite.append((batch.ids, torch.isfinite(losses.detach())))
+        finite.append((batch.ids[:n_real], torch.isfinite(losses.detach())))
     grad_norm = clip_gradients(model, settings.max_grad_norm)
     all_finite = torch.stack([mask.all() for _, mask in finite]).all()
-    loss_sum, correct, margin_sum, norm, ok = torch.cat(
-        [sums, grad_norm[None].float(), all_finite[None].float()]
+    sums = sum_over_ranks(torch.cat([sums, (~all_finite)[None].float()]))  # + ranks with NaN/inf
+    loss_sum, correct, margin_sum, n_bad, norm = torch.cat(
+        [sums, grad_norm[None].float()]
     ).tolist()  # the step's only host-device synchronisation
-    if not ok:
+    if n_bad:
         bad = [
             i
             for ids, mask in finite
@@ -410,8 +462,10 @@ def clip_gradients(model: Transformer, max_grad_norm: float) -> torch.Tensor:
     """The total gradient norm before clipping, as a 0-d tensor (NaN/inf: the caller checks)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    return distributed.plain_tensor(norm)  # under FSDP a DTensor over the ranks' shards
 
 
 def end_of_round(
@@ -424,7 +478,7 @@ def end_of_round(
     """
     cfg, data, out = run.cfg, run.data, run.out
     ids = [pair.id for pair in data.tokens]
-    scores = score_pairs(
+    scores = distributed.score_everywhere(  # every rank gets every pair's scores, by id
         policy,
         data.tokens,
         cfg.optim.batch_size * 2,
@@ -434,16 +488,17 @@ def end_of_round(
     reference = ref.lookup(ids)
     with torch.no_grad():
         losses, _ = pair_losses(run.loss_fn, scores, reference)
-    decision = select_drops(ids, losses, cfg.filter.rho)
-    records = audit.pair_records(
-        round_idx, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
-    )
-    extra = {"n_skipped_nonfinite": n_skipped_nonfinite}
-    metrics = audit.round_metrics(round_idx, records, decision, data.flips, extra)
-    audit.append_jsonl(out / "pairs.jsonl", records)
-    audit.append_jsonl(out / "metrics.jsonl", [metrics])
-    audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids)
-    print(audit.format_metrics(metrics))
+    decision = select_drops(ids, losses, cfg.filter.rho)  # the same on every rank
+    if is_main():
+        records = audit.pair_records(
+            round_idx, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
+        )
+        extra = {"n_skipped_nonfinite": n_skipped_nonfinite}
+        metrics = audit.round_metrics(round_idx, records, decision, data.flips, extra)
+        audit.append_jsonl(out / "pairs.jsonl", records)
+        audit.append_jsonl(out / "metrics.jsonl", [metrics])
+        audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids)
+        print(audit.format_metrics(metrics))
     return decision
 
 

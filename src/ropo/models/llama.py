@@ -224,10 +224,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # HF order: statistics in fp32, cast back to the input dtype, and only then scale.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # HF order: x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, and only
+        # then scale. F.rms_norm does the first part in one fused kernel, backward included.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(
@@ -296,6 +296,14 @@ class Attention(nn.Module):
         # enable_gqa does exactly that without copying k and v, which matters with a long cache.
         scale = 1.0 / math.sqrt(D)
         gqa = H != K
+        if gqa and mask is not None and q.is_cuda and T > 1:
+            # On CUDA no fused kernel takes a mask with enable_gqa (flash refuses masks, the
+            # memory-efficient one unequal head counts): the math kernel would hold (B, H, T, S)
+            # scores per layer. Copying k and v keeps the memory-efficient kernel. (One decoded
+            # token's scores are small, so sampling keeps enable_gqa.)
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            gqa = False
         if mask is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
@@ -353,19 +361,26 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, C) for input_ids (B, T).
 
         attention_mask (B, T): 1 real, 0 pad. positions (B, T): RoPE positions, needed with left
         padding; default counts on from the cache length. kv_cache continues earlier calls.
+        attn_mask (B, 1, T, T) bool, True where a query may read a key: used as is instead of the
+        causal mask, for a caller's own layout (logps.py's shared prompts); no cache then.
         """
         B, T = input_ids.shape
+        if attn_mask is not None and kv_cache is not None:
+            raise ValueError("attn_mask replaces the causal mask and cannot extend a KVCache")
         start = 0 if kv_cache is None else kv_cache.length
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.tok_embeddings(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = self._mask(input_ids, attention_mask, kv_cache)
+        mask = (
+            attn_mask if attn_mask is not None else self._mask(input_ids, attention_mask, kv_cache)
+        )
         for layer in self.layers:
             if self.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)

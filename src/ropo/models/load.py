@@ -169,12 +169,32 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 
     Each file goes to a temporary name first and config.json lands last, so an interrupted save
     never looks like a complete checkpoint.
     """
+    # named_parameters lists a tied head once, as the embedding
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    save_weights(model.config, weights, path, max_shard_bytes)
+
+
+def save_weights(
+    config: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    path: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """`save_model` for a state dict in our names, e.g. one gathered from FSDP-sharded processes.
+
+    A name with no Hugging Face counterpart (a LoRA adapter not merged yet) raises ValueError.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    unknown = [name for name in weights if rename(name, OURS_TO_HF) is None]
+    if unknown:
+        raise ValueError(f"no Hugging Face name for {unknown[:5]}; merge LoRA adapters first")
+    tied = config.tie_word_embeddings  # a gathered state dict may list the tied head twice
     tensors = {
-        rename(name, OURS_TO_HF): p.detach()
-        for name, p in model.named_parameters()  # a tied head appears once, as the embedding
+        rename(name, OURS_TO_HF): tensor
+        for name, tensor in weights.items()
+        if not (tied and name == "output.weight")
     }
+    path.mkdir(parents=True, exist_ok=True)
     shards = _plan_shards(tensors, max_shard_bytes)
     n = len(shards)
     filenames = (
@@ -193,9 +213,9 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(path / "model.safetensors.index.json", index)
-    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    dtype = str(weights["tok_embeddings.weight"].dtype).removeprefix("torch.")
     # transformers 4.x reads torch_dtype, 5.x reads dtype.
-    _write_json(path / "config.json", model.config.to_hf() | {"torch_dtype": dtype, "dtype": dtype})
+    _write_json(path / "config.json", config.to_hf() | {"torch_dtype": dtype, "dtype": dtype})
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
