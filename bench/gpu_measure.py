@@ -16,30 +16,50 @@ from pathlib import Path
 
 import torch
 
+from ropo.config import OptimSettings
 from ropo.data import TokenizedPair
-from ropo.logps import score_pairs
+from ropo.logps import PairLogps, score_pairs
 from ropo.loss import get_loss
 from ropo.models import ModelConfig, Transformer, generate
 from ropo.models.lora import apply_lora
 from ropo.ref_cache import RefLogps
-from ropo.logps import PairLogps
 from ropo.train import StepSettings, make_optimizer, train_step
-from ropo.config import OptimSettings
 
 SHAPES = {
     # Llama-3.2-1B-like widths with the Llama-2 vocabulary; Llama-2-7B exactly.
-    "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-               intermediate_size=8192),
-    "7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-               intermediate_size=11008),
+    "1b": dict(
+        vocab_size=32000,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+    ),
+    "7b": dict(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        intermediate_size=11008,
+    ),
 }
 
 
 def model_config(shape: str) -> ModelConfig:
-    return ModelConfig(**SHAPES[shape], norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=4096, sliding_window=None,
-                       tie_word_embeddings=False, architecture="LlamaForCausalLM",
-                       bos_token_id=1, eos_token_id=2)
+    return ModelConfig(
+        **SHAPES[shape],
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        architecture="LlamaForCausalLM",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 30) -> float:
@@ -55,16 +75,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 30) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def synthetic_pairs(n: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0
-                    ) -> list[TokenizedPair]:
+def synthetic_pairs(
+    n: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0
+) -> list[TokenizedPair]:
     g = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(n):
         ids = torch.randint(3, vocab, (prompt_len + 2 * response_len,), generator=g).tolist()
-        pairs.append(TokenizedPair(f"p{i}", tuple([1] + ids[: prompt_len - 1]),
-                                   tuple(ids[prompt_len : prompt_len + response_len - 1] + [2]),
-                                   tuple(ids[prompt_len + response_len :][: response_len - 1]
-                                         + [2])))
+        pairs.append(
+            TokenizedPair(
+                f"p{i}",
+                tuple([1] + ids[: prompt_len - 1]),
+                tuple(ids[prompt_len : prompt_len + response_len - 1] + [2]),
+                tuple(ids[prompt_len + response_len :][: response_len - 1] + [2]),
+            )
+        )
     return pairs
 
 
@@ -86,8 +111,7 @@ def model_flops_per_step(config: ModelConfig, rows: int, seq: int, response: int
     return 6 * block_params * tokens + head + attention
 
 
-def build(shape: str, weights: torch.dtype, checkpointing: bool, lora_rank: int = 0
-          ) -> Transformer:
+def build(shape: str, weights: torch.dtype, checkpointing: bool, lora_rank: int = 0) -> Transformer:
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(weights)
@@ -100,14 +124,23 @@ def build(shape: str, weights: torch.dtype, checkpointing: bool, lora_rank: int 
     return model.train()
 
 
-def time_steps(model: Transformer, pairs_per_step: int, prompt: int, response: int,
-               autocast: torch.dtype | None, steps: int, warmup: int = 2) -> dict:
-    pairs = synthetic_pairs(pairs_per_step * (steps + warmup), prompt, response,
-                            model.config.vocab_size)
+def time_steps(
+    model: Transformer,
+    pairs_per_step: int,
+    prompt: int,
+    response: int,
+    autocast: torch.dtype | None,
+    steps: int,
+    warmup: int = 2,
+) -> dict:
+    pairs = synthetic_pairs(
+        pairs_per_step * (steps + warmup), prompt, response, model.config.vocab_size
+    )
     ref = fake_ref(pairs)
     optimizer = make_optimizer(model, OptimSettings(lr=1e-6))
-    settings = StepSettings(pad_id=0, max_grad_norm=1.0, device=torch.device("cuda"),
-                            autocast=autocast)
+    settings = StepSettings(
+        pad_id=0, max_grad_norm=1.0, device=torch.device("cuda"), autocast=autocast
+    )
     loss_fn = get_loss("ropo", beta=0.1)
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -122,18 +155,31 @@ def time_steps(model: Transformer, pairs_per_step: int, prompt: int, response: i
     del optimizer
     seconds = sorted(times)[len(times) // 2]
     rows, seq = 2 * pairs_per_step, prompt + response
-    return {"pairs_per_step": pairs_per_step, "seconds_per_step": seconds,
-            "tokens_per_s": rows * seq / seconds,
-            "model_tflops": model_flops_per_step(model.config, rows, seq, response) / seconds
-            / 1e12,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "pairs_per_step": pairs_per_step,
+        "seconds_per_step": seconds,
+        "tokens_per_s": rows * seq / seconds,
+        "model_tflops": model_flops_per_step(model.config, rows, seq, response) / seconds / 1e12,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
-def sweep_batches(shape: str, weights: torch.dtype, autocast: torch.dtype | None,
-                  checkpointing: bool, batches: list[int], prompt: int, response: int,
-                  steps: int, peak: float, lora_rank: int = 0) -> dict:
-    label = f"{shape} weights={str(weights)[6:]} autocast={autocast and str(autocast)[6:]} " \
-            f"ckpt={checkpointing} lora={lora_rank}"
+def sweep_batches(
+    shape: str,
+    weights: torch.dtype,
+    autocast: torch.dtype | None,
+    checkpointing: bool,
+    batches: list[int],
+    prompt: int,
+    response: int,
+    steps: int,
+    peak: float,
+    lora_rank: int = 0,
+) -> dict:
+    label = (
+        f"{shape} weights={str(weights)[6:]} autocast={autocast and str(autocast)[6:]} "
+        f"ckpt={checkpointing} lora={lora_rank}"
+    )
     results, largest = [], 0
     model = build(shape, weights, checkpointing, lora_rank)
     for pairs_per_step in batches:
@@ -151,9 +197,12 @@ def sweep_batches(shape: str, weights: torch.dtype, autocast: torch.dtype | None
         r["mfu"] = r["model_tflops"] * 1e12 / peak
         results.append(r)
         largest = pairs_per_step
-        print(f"{label}: {pairs_per_step:3d} pairs/step  {r['seconds_per_step']:.3f} s/step  "
-              f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  "
-              f"peak {r['peak_memory_gib']:.1f} GiB", flush=True)
+        print(
+            f"{label}: {pairs_per_step:3d} pairs/step  {r['seconds_per_step']:.3f} s/step  "
+            f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  "
+            f"peak {r['peak_memory_gib']:.1f} GiB",
+            flush=True,
+        )
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -181,9 +230,12 @@ def scoring_and_sampling(shape: str, prompt: int, response: int) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return {"scoring_pairs_per_s": len(pairs) / scoring,
-            "scoring_tokens_per_s": len(pairs) * 2 * (prompt + response) / scoring,
-            "sampling_new_tokens_per_s": new_tokens / sampling, "sampling_batch": len(prompts)}
+    return {
+        "scoring_pairs_per_s": len(pairs) / scoring,
+        "scoring_tokens_per_s": len(pairs) * 2 * (prompt + response) / scoring,
+        "sampling_new_tokens_per_s": new_tokens / sampling,
+        "sampling_batch": len(prompts),
+    }
 
 
 def precision_check(shape: str, prompt: int, response: int) -> dict:
@@ -197,7 +249,7 @@ def precision_check(shape: str, prompt: int, response: int) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    margin = lambda l: l.chosen - l.rejected  # noqa: E731
+    margin = lambda logps: logps.chosen - logps.rejected  # noqa: E731
     result = {}
     for name, other in (("autocast_bf16", mixed), ("bf16_weights", pure)):
         result[name] = {
@@ -208,15 +260,21 @@ def precision_check(shape: str, prompt: int, response: int) -> dict:
     return result
 
 
-def transformers_baseline(shape: str, pairs_per_step: int, prompt: int, response: int,
-                          steps: int) -> dict:
+def transformers_baseline(
+    shape: str, pairs_per_step: int, prompt: int, response: int, steps: int
+) -> dict:
     """A TRL-style DPO step on transformers' LlamaForCausalLM: full logits, log_softmax over
     every position, gather, mask (what TRL's concatenated forward does), bf16 autocast."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model_config(shape)
-    hf_config = LlamaConfig(**{k: v for k, v in cfg.to_hf().items()
-                               if k not in ("architectures", "torch_dtype", "dtype")})
+    hf_config = LlamaConfig(
+        **{
+            k: v
+            for k, v in cfg.to_hf().items()
+            if k not in ("architectures", "torch_dtype", "dtype")
+        }
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(hf_config).train()
@@ -226,8 +284,9 @@ def transformers_baseline(shape: str, pairs_per_step: int, prompt: int, response
     times = []
     for i in range(steps + 2):
         batch = pairs[i * pairs_per_step : (i + 1) * pairs_per_step]
-        rows = [list(p.prompt_ids + p.chosen_ids) for p in batch] + \
-               [list(p.prompt_ids + p.rejected_ids) for p in batch]
+        rows = [list(p.prompt_ids + p.chosen_ids) for p in batch] + [
+            list(p.prompt_ids + p.rejected_ids) for p in batch
+        ]
         T = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device="cuda")
         mask = torch.zeros_like(ids)
@@ -249,9 +308,12 @@ def transformers_baseline(shape: str, pairs_per_step: int, prompt: int, response
         if i >= 2:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    result = {"pairs_per_step": pairs_per_step, "seconds_per_step": seconds,
-              "tokens_per_s": 2 * pairs_per_step * (prompt + response) / seconds,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {
+        "pairs_per_step": pairs_per_step,
+        "seconds_per_step": seconds,
+        "tokens_per_s": 2 * pairs_per_step * (prompt + response) / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
     del model, optimizer
     gc.collect()
     torch.cuda.empty_cache()
@@ -269,8 +331,12 @@ def main() -> None:
     sections = args.sections.split(",")
     steps = 3 if args.quick else 5
     prompt, response = 256, 256
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "prompt_tokens": prompt, "response_tokens": response}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "prompt_tokens": prompt,
+        "response_tokens": response,
+    }
 
     def save() -> None:
         (out / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -279,23 +345,39 @@ def main() -> None:
     peak = matmul_peak(torch.bfloat16)
     results["bf16_matmul_peak_tflops"] = peak / 1e12
     results["fp32_matmul_peak_tflops"] = matmul_peak(torch.float32, reps=5) / 1e12
-    print(f"measured peak: bf16 {peak / 1e12:.0f} TFLOP/s, "
-          f"fp32 {results['fp32_matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
+    print(
+        f"measured peak: bf16 {peak / 1e12:.0f} TFLOP/s, "
+        f"fp32 {results['fp32_matmul_peak_tflops']:.0f} TFLOP/s",
+        flush=True,
+    )
     save()
     if "1b" in sections:
-        results["1b_bf16_mixed"] = sweep_batches("1b", torch.float32, torch.bfloat16, False,
-                                                 [4, 8, 16, 32], prompt, response, steps, peak)
+        results["1b_bf16_mixed"] = sweep_batches(
+            "1b",
+            torch.float32,
+            torch.bfloat16,
+            False,
+            [4, 8, 16, 32],
+            prompt,
+            response,
+            steps,
+            peak,
+        )
         save()
-        results["1b_bf16_mixed_ckpt"] = sweep_batches("1b", torch.float32, torch.bfloat16, True,
-                                                      [16, 32, 64], prompt, response, steps,
-                                                      peak)
+        results["1b_bf16_mixed_ckpt"] = sweep_batches(
+            "1b", torch.float32, torch.bfloat16, True, [16, 32, 64], prompt, response, steps, peak
+        )
         save()
     if "baseline" in sections:
         try:
-            results["1b_transformers_trl_style"] = transformers_baseline("1b", 8, prompt,
-                                                                         response, steps)
-            print("transformers TRL-style 1b, 8 pairs:", results["1b_transformers_trl_style"],
-                  flush=True)
+            results["1b_transformers_trl_style"] = transformers_baseline(
+                "1b", 8, prompt, response, steps
+            )
+            print(
+                "transformers TRL-style 1b, 8 pairs:",
+                results["1b_transformers_trl_style"],
+                flush=True,
+            )
         except Exception as err:  # noqa: BLE001  (a baseline failure must not lose the rest)
             results["1b_transformers_trl_style"] = {"error": repr(err)}
         save()
@@ -304,14 +386,23 @@ def main() -> None:
         print("1b precision:", results["1b_precision"], flush=True)
         save()
     if "7b" in sections:
-        results["7b_bf16_weights_ckpt"] = sweep_batches("7b", torch.bfloat16, None, True,
-                                                        [1, 2, 4, 8, 16], prompt, response,
-                                                        steps, peak)
+        results["7b_bf16_weights_ckpt"] = sweep_batches(
+            "7b", torch.bfloat16, None, True, [1, 2, 4, 8, 16], prompt, response, steps, peak
+        )
         save()
     if "lora" in sections:
         results["7b_lora16_fp32_autocast_ckpt"] = sweep_batches(
-            "7b", torch.float32, torch.bfloat16, True, [4, 8, 16, 32], prompt, response, steps,
-            peak, lora_rank=16)
+            "7b",
+            torch.float32,
+            torch.bfloat16,
+            True,
+            [4, 8, 16, 32],
+            prompt,
+            response,
+            steps,
+            peak,
+            lora_rank=16,
+        )
         save()
     if "score" in sections:
         results["7b_scoring_sampling"] = scoring_and_sampling("7b", prompt, response)

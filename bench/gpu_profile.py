@@ -55,8 +55,7 @@ def profile_step() -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3, 5):
-            train_step(model, optimizer, [pairs[i * 8 : i * 8 + 8]], ref, loss_fn, 1e-6,
-                       settings)
+            train_step(model, optimizer, [pairs[i * 8 : i * 8 + 8]], ref, loss_fn, 1e-6, settings)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
