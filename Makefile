@@ -17,7 +17,10 @@ RHO ?=
 OUT ?=
 CONFIG ?=
 ARGS ?=
-TRAIN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),model=$(MODEL)) \
+# A preset name with a file in configs/ (llama2-7b, mistral-7b) brings the paper's settings.
+PRESET_CONFIG := $(if $(CONFIG),,$(wildcard configs/$(MODEL).yaml))
+TRAIN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(PRESET_CONFIG),--config $(PRESET_CONFIG)) \
+	$(if $(MODEL),model=$(MODEL)) \
 	$(if $(NOISE),noise=$(NOISE)) $(if $(LOSS),loss=$(LOSS)) $(if $(ROUNDS),rounds=$(ROUNDS)) \
 	$(if $(RHO),rho=$(RHO)) $(if $(OUT),out=$(OUT)) $(ARGS)
 
