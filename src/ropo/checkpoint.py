@@ -14,7 +14,6 @@ writes the same files one process would: any number of processes can resume from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from ropo.faults import maybe_crash
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import has_lora
+from ropo.ref_cache import file_sha256
 
 MANIFEST = "manifest.json"
 LORA_FILE = "lora.safetensors"
@@ -93,7 +93,7 @@ def _write_checkpoint(
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
     maybe_crash("checkpoint")
     files = sorted(p.name for p in tmp.iterdir())
-    manifest = {name: _sha256(tmp / name) for name in files}
+    manifest = {name: file_sha256(tmp / name) for name in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_dir_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -124,7 +124,7 @@ def verify_checkpoint(path: Path) -> None:
             f"checkpoint {path}: {MANIFEST} is unreadable; the checkpoint is damaged"
         ) from None
     for name, digest in manifest.items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
             raise ValueError(
                 f"checkpoint {path}: {name} is missing or does not match its "
                 f"checksum; the checkpoint is damaged"
@@ -190,14 +190,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
         index, key = flat_key.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": groups}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir_files(directory: Path) -> None:

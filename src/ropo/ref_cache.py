@@ -9,6 +9,7 @@ different fingerprint and therefore a recomputation, never a stale cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -75,6 +76,7 @@ def fingerprint_pairs(pairs: Sequence[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
+@functools.cache  # a run asks twice with LoRA (cache key, base check); 7B hashes take a minute
 def fingerprint_model_dir(model_dir: str | Path) -> str:
     """sha256 over config.json and every safetensors file of a checkpoint directory.
 
@@ -86,11 +88,12 @@ def fingerprint_model_dir(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        digest.update(_file_sha256(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 24):
