@@ -24,7 +24,7 @@ TRAIN_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(PRESET_CONFIG),--config 
 	$(if $(NOISE),noise=$(NOISE)) $(if $(LOSS),loss=$(LOSS)) $(if $(ROUNDS),rounds=$(ROUNDS)) \
 	$(if $(RHO),rho=$(RHO)) $(if $(OUT),out=$(OUT)) $(ARGS)
 
-.PHONY: install test train bench lint format clean
+.PHONY: install test train sweep bench lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ ifdef NPROC
 else
 	$(BIN)/ropo train $(TRAIN_ARGS)
 endif
+
+# DPO vs ROPO on the built-in task at noise 0, 0.2 and 0.4 (reuses the cached SFT model and pairs).
+sweep: install
+	$(BIN)/ropo builtin sweep=true $(if $(OUT),out=$(OUT)) $(ARGS)
 
 bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -1,7 +1,9 @@
-"""Command line: `ropo train [--config FILE.yaml] key=value ...` and `ropo keys`.
+"""Command line: `ropo train [--config FILE.yaml] key=value ...`, `ropo builtin`, `ropo keys`.
 
 `ropo train resume=<run dir>` continues a run from its last checkpoint with the config saved in
-<run dir>/run.json.
+<run dir>/run.json. `ropo train` with neither a config file nor `model=`/`resume=` runs the
+built-in task (`ropo builtin`: tokenizer, SFT, pairs, DPO vs ROPO, report) with the same
+key=value words applied to its settings (e.g. noise=0.2 seed=1 out=runs/x sweep=true).
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train DPO/ROPO on preference pairs")
     train_parser.add_argument("--config", help="YAML file of key: value settings")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value")
+    builtin_parser = commands.add_parser(
+        "builtin", help="the whole pipeline on the built-in sorting task (make train's default)"
+    )
+    builtin_parser.add_argument("settings", nargs="*", metavar="key=value")
     commands.add_parser("keys", help="list every config key with its default and meaning")
     args = parser.parse_args(argv)
 
     if args.command == "keys":
         print(describe_keys())
         return 0
+    if args.command == "builtin":
+        return _run_builtin(args.settings)
+    if args.config is None and not any(o.startswith(("model=", "resume=")) for o in args.overrides):
+        return _run_builtin(args.overrides)
     try:
         cfg = load_config(args.config, args.overrides, base=_resumed_config(args.overrides))
         from ropo.train import train  # heavy imports only once the config is valid
@@ -47,3 +57,9 @@ def _resumed_config(overrides: list[str]) -> dict | None:
     if not info.is_file():
         raise FileNotFoundError(f"resume={resume}: {info} not found; is this a ropo run directory?")
     return json.loads(info.read_text())["config"]
+
+
+def _run_builtin(settings: list[str]) -> int:
+    from ropo.task.pipeline import main as builtin_main  # matplotlib etc. only when needed
+
+    return builtin_main(settings)

@@ -1,0 +1,245 @@
+"""The built-in sorting demonstration: gold reward, pair building and audit metrics on hand-made
+cases, then the whole pipeline at toy sizes (every stage's files, the report, and stage caching)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import ropo.task.pipeline as pipeline
+from ropo.data import load_pairs
+from ropo.logps import PairLogps
+from ropo.task.evaluate import noise_identification, preference_accuracy, win_rate
+from ropo.task.pairs import build_pairs
+from ropo.task.pipeline import TaskSettings, parse_settings, run_builtin, run_stage, run_sweep
+from ropo.task.sorting import correct_response, gold_reward, make_task
+
+
+def test_gold_reward_counts_right_positions_over_the_longer_list() -> None:
+    prompt = "sort 3 1 2"  # answer: 1 2 3
+    assert gold_reward(prompt, "1 2 3") == 1.0
+    assert gold_reward(prompt, "3 2 1") == pytest.approx(1 / 3)  # only the middle 2 is in place
+    assert gold_reward(prompt, "1 2") == pytest.approx(2 / 3)  # a missing number costs its slot
+    assert gold_reward(prompt, "1 2 3 3") == pytest.approx(3 / 4)  # an extra one too
+    assert gold_reward(prompt, "1 x 3") == pytest.approx(2 / 3)  # a non-number never matches
+    assert gold_reward(prompt, "") == 0.0
+    with pytest.raises(ValueError, match="not a sorting prompt"):
+        gold_reward("reverse 1 2", "2 1")
+
+
+def test_task_is_seeded_with_disjoint_splits_and_the_asked_error_rate() -> None:
+    task = make_task(400, 50, 30, seed=3, demo_error_rate=0.25)
+    assert task == make_task(400, 50, 30, seed=3, demo_error_rate=0.25)
+    splits = [set(task.sft_prompts), set(task.train_prompts), set(task.heldout_prompts)]
+    assert sum(map(len, splits)) == len(set.union(*splits)) == 480
+    demos = zip(task.sft_prompts, task.demonstrations, strict=True)
+    wrong = sum(d != correct_response(p) for p, d in demos)
+    assert wrong == task.demo_errors and 0.15 < wrong / 400 < 0.35
+    assert all(3 <= len(p.split()) - 1 <= 7 for p in task.train_prompts)
+
+
+def test_pairs_take_the_best_sample_and_a_strictly_worse_one() -> None:
+    prompts = ["sort 2 1", "sort 3 1", "sort 5 4"]
+    responses = [["1 2", "2 1", "1 2", " "], ["1 3", "1 3", "1 3", "1 3"], ["4", "", "9 9", "4 5"]]
+    pairs, stats = build_pairs(prompts, responses, "train", seed=0)
+    assert [p.id for p in pairs] == ["train-00000", "train-00002"]  # prompt 1: all tied
+    assert (pairs[0].chosen, pairs[0].rejected) == ("1 2", "2 1")  # the blank sample is left out
+    assert pairs[1].chosen == "4 5" and pairs[1].rejected in ("4", "9 9")
+    assert stats.pairs == 2 and stats.skipped_ties == 1 and stats.mean_chosen_reward == 1.0
+
+
+def test_win_rate_counts_ties_as_half() -> None:
+    policy = [[1.0, 0.5], [0.2, 0.2]]
+    baseline = [[0.5, 0.5], [0.3, 0.1]]
+    assert win_rate(policy, baseline) == (1 + 0.5 + 0 + 1) / 4
+
+
+def test_preference_accuracy_is_the_share_of_positive_implicit_margins() -> None:
+    ones = torch.ones(4)
+    policy = PairLogps(
+        torch.tensor([-1.0, -2.0, -3.0, -1.0]), torch.tensor([-2.0, -1.0, -3.0, -1.0]), ones, ones
+    )
+    reference = PairLogps(
+        torch.tensor([-1.5, -2.0, -3.0, -1.0]), torch.tensor([-1.5, -2.0, -3.0, -1.0]), ones, ones
+    )
+    # margins: (0.5) - (-0.5) = 1 > 0; 0 - 1 = -1; 0 - 0 = 0 (a tie is wrong); 0 - 0 = 0
+    assert preference_accuracy(policy, reference) == 0.25
+
+
+def test_noise_identification_on_a_hand_made_audit() -> None:
+    def record(pair_id: str, round_idx: int, loss: float, kept: bool, flipped: bool) -> dict:
+        return {
+            "id": pair_id,
+            "round": round_idx,
+            "loss": loss,
+            "margin": -loss,
+            "kept": kept,
+            "flipped": flipped,
+        }
+
+    audit = [  # 5 pairs, b and d flipped; round 0 drops c and d, round 1 drops b and d
+        record("a", 0, 0.1, True, False),
+        record("b", 0, 0.5, True, True),
+        record("c", 0, 0.9, False, False),
+        record("d", 0, 0.8, False, True),
+        record("e", 0, 0.2, True, False),
+        record("a", 1, 0.1, True, False),
+        record("b", 1, 0.9, False, True),
+        record("c", 1, 0.3, True, False),
+        record("d", 1, 0.8, False, True),
+        record("e", 1, 0.2, True, False),
+    ]
+    first, second = noise_identification(audit)
+    assert (first["n_dropped"], first["n_flipped"]) == (2, 2)
+    assert first["drop_precision"] == 0.5 and first["drop_recall"] == 0.5
+    # loss AUROC: flipped losses {0.5, 0.8} against clean {0.1, 0.9, 0.2}: 2 + 2 wins of 6 pairs
+    assert first["loss_auroc"] == pytest.approx(4 / 6)
+    assert first["margin_flipped"] == pytest.approx(-0.65)
+    assert second["drop_precision"] == 1.0 and second["drop_recall"] == 1.0
+    assert second["loss_auroc"] == 1.0
+
+
+def test_a_stage_runs_once_and_again_when_its_inputs_or_outputs_change(tmp_path: Path) -> None:
+    calls = []
+    output = tmp_path / "made.txt"
+
+    def work() -> dict:
+        calls.append(1)
+        output.write_text("x")
+        return {"n": len(calls)}
+
+    assert not run_stage(tmp_path, "demo", {"a": 1}, [output], work).cached
+    again = run_stage(tmp_path, "demo", {"a": 1}, [output], work)
+    assert again.cached and again.result == {"n": 1} and len(calls) == 1
+    assert not run_stage(tmp_path, "demo", {"a": 2}, [output], work).cached
+    output.unlink()
+    assert not run_stage(tmp_path, "demo", {"a": 2}, [output], work).cached
+    assert len(calls) == 3
+
+
+def test_settings_from_key_value_words() -> None:
+    settings, out, sweep = parse_settings(
+        ["out=x/y", "noise=0.2", "methods=dpo,ropo", "dim=48", "sweep=true"]
+    )
+    assert (settings.noise, settings.methods, settings.dim) == (0.2, ("dpo", "ropo"), 48)
+    assert out == Path("x/y") and sweep
+    with pytest.raises(ValueError, match="unknown setting 'noice'"):
+        parse_settings(["noice=0.2"])
+    with pytest.raises(ValueError, match="methods"):
+        TaskSettings(methods=("dpo", "ppo"))
+
+
+TOY = TaskSettings(
+    n_sft=600,
+    n_train_prompts=48,
+    n_heldout_prompts=16,
+    max_len=5,
+    dim=32,
+    n_layers=1,
+    sft_steps=120,
+    sft_batch_size=32,
+    sft_lr=1e-2,
+    max_new_tokens=14,
+    batch_size=8,
+    lr=1e-3,
+    rounds=2,
+    rho=0.25,
+    rs_k=2,
+    eval_samples=1,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("builtin")
+    return out, run_builtin(TOY, out)
+
+
+def test_every_stage_leaves_its_files(toy_run: tuple[Path, dict]) -> None:
+    out, results = toy_run
+    for name in (
+        "task/task.json",
+        "task/tokenizer.model",
+        "sft/config.json",
+        "sft/model.safetensors",
+        "sft/tokenizer.model",
+        "results.json",
+        "report.md",
+        "summary.png",
+        "filtering.png",
+        "margins.png",
+        "training.png",
+    ):
+        assert (out / name).is_file(), name
+    train_pairs, _ = load_pairs(out / "pairs_train.jsonl")
+    heldout_pairs, _ = load_pairs(out / "pairs_heldout.jsonl")
+    assert len(train_pairs) >= 16 and heldout_pairs
+    assert all(
+        gold_reward(p.prompt, p.chosen) > gold_reward(p.prompt, p.rejected)
+        for p in train_pairs + heldout_pairs
+    )
+    for method in TOY.methods:
+        for name in (
+            "metrics.jsonl",
+            "pairs.jsonl",
+            "train_log.jsonl",
+            "final/config.json",
+            "final/tokenizer.model",
+        ):
+            assert (out / method / name).is_file(), f"{method}/{name}"
+    flips = json.loads((out / "ropo" / "flips.json").read_text())
+    assert 0 < sum(flips.values()) < len(flips) == len(train_pairs)
+    assert not (out / "dpo_clean" / "flips.json").exists()  # noise=0: nothing flipped
+    rows = {run["method"]: run for run in results["runs"]}
+    assert set(rows) == set(TOY.methods) and rows["dpo_clean"]["noise"] == 0.0
+    assert len(rows["ropo"]["rounds"]) == TOY.rounds and len(rows["dpo"]["rounds"]) == 1
+    for run in results["runs"]:
+        scores = run["scores"]
+        assert 0 <= scores["gold_reward"] <= 1 and 0 <= scores["win_rate"] <= 1
+    report = (out / "report.md").read_text()
+    assert "ROPO + RS" in report and "![filtering](filtering.png)" in report
+
+
+def test_a_rerun_skips_every_stage_and_a_change_reruns_only_what_depends_on_it(
+    toy_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, first = toy_run
+    trained = []
+    real_train = pipeline.train
+
+    def counting_train(cfg):  # noqa: ANN001, ANN202
+        trained.append(Path(cfg.run.out).name)
+        return real_train(cfg)
+
+    def no_sft(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("SFT must not rerun")
+
+    monkeypatch.setattr(pipeline, "train", counting_train)
+    monkeypatch.setattr(pipeline, "train_sft", no_sft)
+    again = run_builtin(TOY, out)
+    assert trained == [] and again["runs"] == first["runs"]
+    run_builtin(replace(TOY, rho=0.5, methods=("dpo", "ropo")), out)
+    assert trained == ["ropo"]  # DPO does not read rho
+
+
+def test_sweep_reuses_the_first_stages(
+    toy_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = toy_run
+    monkeypatch.setattr(pipeline, "train_sft", lambda *a, **k: pytest.fail("SFT reran"))
+    sweep = run_sweep(TOY, out, noises=(0.0, 0.25), seeds=(0,), methods=("dpo", "ropo"))
+    assert len(sweep["runs"]) == 4
+    assert {(r["method"], r["noise"]) for r in sweep["runs"]} == {
+        ("dpo", 0.0),
+        ("ropo", 0.0),
+        ("dpo", 0.25),
+        ("ropo", 0.25),
+    }
+    assert (out / "noise_sweep.png").is_file()
+    assert "## Noise sweep" in (out / "report.md").read_text()
+    assert math.isfinite(sweep["runs"][0]["scores"]["gold_reward"])
