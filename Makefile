@@ -38,8 +38,11 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Without MODEL or CONFIG: the built-in task (NOISE, OUT and ARGS apply to its settings).
 train: install
-ifdef NPROC
+ifeq ($(MODEL)$(CONFIG),)
+	$(BIN)/ropo builtin $(if $(NOISE),noise=$(NOISE)) $(if $(OUT),out=$(OUT)) $(ARGS)
+else ifdef NPROC
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ropo train $(TRAIN_ARGS)
 else
 	$(BIN)/ropo train $(TRAIN_ARGS)

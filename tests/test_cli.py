@@ -7,10 +7,17 @@ import pytest
 from ropo.cli import main
 
 
-def test_train_without_model_runs_the_builtin_task(capsys: pytest.CaptureFixture) -> None:
+def test_builtin_settings_are_checked(capsys: pytest.CaptureFixture) -> None:
     # An unknown built-in setting fails before any work, and the message shows which parser ran.
-    assert main(["train", "no_such_setting=1"]) == 2
+    assert main(["builtin", "no_such_setting=1"]) == 2
     assert "ropo builtin: error: unknown setting 'no_such_setting'" in capsys.readouterr().err
+
+
+def test_train_alone_runs_the_builtin_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr("ropo.task.pipeline.main", lambda words: calls.append(words) or 0)
+    assert main(["train"]) == 0
+    assert calls == [[]]
 
 
 def test_train_with_a_model_uses_the_training_config(capsys: pytest.CaptureFixture) -> None:

@@ -1,9 +1,9 @@
 """Command line: `ropo train [--config FILE.yaml] key=value ...`, `ropo builtin`, `ropo keys`.
 
 `ropo train resume=<run dir>` continues a run from its last checkpoint with the config saved in
-<run dir>/run.json. `ropo train` with neither a config file nor `model=`/`resume=` runs the
-built-in task (`ropo builtin`: tokenizer, SFT, pairs, DPO vs ROPO, report) with the same
-key=value words applied to its settings (e.g. noise=0.2 seed=1 out=runs/x sweep=true).
+<run dir>/run.json. `ropo train` alone runs the built-in task; `ropo builtin key=value ...`
+runs it with settings (tokenizer, SFT, pairs, DPO vs ROPO, report; e.g. noise=0.2 seed=1
+out=runs/x sweep=true).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "builtin":
         return _run_builtin(args.settings)
-    if args.config is None and not any(o.startswith(("model=", "resume=")) for o in args.overrides):
-        return _run_builtin(args.overrides)
+    if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
+        return _run_builtin([])
     try:
         cfg = load_config(args.config, args.overrides, base=_resumed_config(args.overrides))
         from ropo.train import train  # heavy imports only once the config is valid
