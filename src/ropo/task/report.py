@@ -63,6 +63,11 @@ def sweep_rows(sweep: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, 
     return groups
 
 
+def drop_precision(run: dict[str, Any]) -> float | None:
+    """The last round's drop precision; None without flips, where every drop is "wrong"."""
+    return run["rounds"][-1]["drop_precision"] if run["noise"] > 0 else None
+
+
 def sweep_table(sweep: dict[str, Any]) -> str:
     """Mean over seeds (min-max in brackets) of each method at each noise rate."""
     lines = [
@@ -74,7 +79,7 @@ def sweep_table(sweep: dict[str, Any]) -> str:
         for values in (
             [r["scores"]["gold_reward"] for r in runs],
             [r["scores"]["win_rate"] for r in runs],
-            [r["rounds"][-1]["drop_precision"] for r in runs],
+            [drop_precision(r) for r in runs],
         ):
             known = [v for v in values if v is not None]
             cells.append(
@@ -226,7 +231,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     keys = (
         ("gold reward of samples", lambda r: r["scores"]["gold_reward"]),
         ("win rate against SFT", lambda r: r["scores"]["win_rate"]),
-        ("drop precision, last round", lambda r: r["rounds"][-1]["drop_precision"]),
+        ("drop precision, last round", drop_precision),
     )
     for method in dict.fromkeys(m for m, _ in groups):
         noises = sorted(n for m, n in groups if m == method)
@@ -311,6 +316,21 @@ def findings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sweep_findings(sweep: dict[str, Any]) -> list[str]:
+    """One sentence per noise rate: ROPO's mean gold reward minus DPO's, whichever way it goes."""
+    groups = sweep_rows(sweep)
+    lines = []
+    for noise in sorted({n for _, n in groups}):
+        if ("dpo", noise) in groups and ("ropo", noise) in groups:
+            ropo, dpo = (
+                [r["scores"]["gold_reward"] for r in groups[(m, noise)]] for m in ("ropo", "dpo")
+            )
+            gap = sum(ropo) / len(ropo) - sum(dpo) / len(dpo)
+            verdict = "ROPO ahead" if gap > 0 else "DPO ahead"
+            lines.append(f"η = {noise:g}: ROPO − DPO = {gap:+.3f} gold reward ({verdict}).")
+    return lines
+
+
 def write_report(out: Path) -> Path:
     """report.md and its figures, from <out>/results.json and <out>/sweep_results.json."""
     out = Path(out)
@@ -331,6 +351,8 @@ def write_report(out: Path) -> Path:
             "![noise sweep](noise_sweep.png)",
             "",
             sweep_table(sweep),
+            "",
+            *[f"- {line}" for line in sweep_findings(sweep)],
             "",
         ]
     path = out / "report.md"
