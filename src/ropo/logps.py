@@ -154,8 +154,9 @@ def shared_prompt_mask(segments: Tensor, positions: Tensor, sliding_window: int 
     allowed = (slot[None, :] <= slot[:, None]) & (key != PAD) & ((key == PROMPT) | (key == query))
     if sliding_window is not None:
         allowed &= positions[:, :, None] - positions[:, None, :] < sliding_window
-    # A pad query with every key masked would give NaN, which later layers would spread through
-    # zero-weighted values into real rows; letting it read itself keeps it finite.
+    # Every query reads at least itself: one with no key would give NaN, which later layers would
+    # spread through zero-weighted values into real rows. (Pad queries also read the prompt; their
+    # outputs are never used.)
     return (allowed | (slot[None, :] == slot[:, None]))[:, None]  # (B, 1, T, T)
 
 
@@ -260,7 +261,8 @@ def score_pairs(
 
 
 def _pair_length(pair: TokenizedPair) -> int:
-    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)  # its row in a batch
+    # the length of the pair's row in a batch: [prompt | chosen | rejected]
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
 def _reorder(parts: list[tuple[list[int], PairLogps]], n: int) -> PairLogps:

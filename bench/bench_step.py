@@ -1,0 +1,207 @@
+"""`make bench`: TRL's DPOTrainer against our DPO and ROPO steps, same model, same tokens, same run.
+
+For each model variant (MHA and GQA):
+  1. guard   both sides built from one checkpoint must agree on log-probs, losses and weights;
+  2. timing  in this process, the three sides take steps in turn (the order rotates every step),
+             so a burst of load from elsewhere on the machine hits all three alike;
+  3. memory  each side again in a fresh subprocess (worker.py), for a clean peak RSS;
+  4. round   the extra work of a ROPO round against a training epoch.
+Writes bench/results.json and prints a table. See bench/README.md for what exactly is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from fixtures import (
+    BETA,
+    VARIANTS,
+    Workload,
+    cpu_seconds,
+    make_pairs,
+    matmul_peak,
+    model_flops_per_step,
+    step_batches,
+    write_model,
+)
+from guard import run_guard
+from our_side import OurSide, build_ours, our_step, reference
+from parity import as_records
+from report import machine, print_table, targets
+from trl_side import build_trainer, trl_examples, trl_step
+
+from ropo.logps import score_pairs
+from ropo.loss import get_loss
+
+HERE = Path(__file__).resolve().parent
+SIDES = ("trl", "dpo", "ropo")
+
+
+def alternate_epoch(steps: dict[str, Callable[[int], float]], n_batches: int) -> dict:
+    """Seconds of each side's steps over one epoch; the sides take turns, the order rotating."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for k in range(n_batches):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            start = time.perf_counter()
+            steps[name](k)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def round_cost(side: OurSide, model_dir: Path, pairs: list, size: int, cache: Path) -> dict:
+    """Seconds of a ROPO round's extra work: scoring all pairs, the reference (uncached, cached)."""
+    start = time.perf_counter()
+    score_pairs(side.model, pairs, 2 * size, side.settings.pad_id, desc="bench scoring")
+    score = time.perf_counter() - start
+    miss = reference(model_dir, pairs, cache, 2 * size)[1]  # a fresh directory: computed, written
+    hit = reference(model_dir, pairs, cache, 2 * size)[1]  # read back
+    return {"score_s": score, "ref_miss_s": miss, "ref_hit_s": hit}
+
+
+def time_variant(model_dir: Path, workload: Workload, args: argparse.Namespace, tmp: Path) -> dict:
+    """Guard, then epochs of alternating steps, each followed by one ROPO round's extra work.
+
+    Measuring the round right after the epoch it is compared with keeps their ratio fair when
+    the load on the machine drifts. One matmul-peak sample per epoch, too.
+    """
+    pairs, size = make_pairs(workload), workload.pairs_per_step
+    dpo = build_ours(model_dir, pairs, tmp / "cache", size)
+    trainer = build_trainer(model_dir, pairs, workload)
+    checks = run_guard(dpo, trainer, pairs, size)
+    ropo = build_ours(model_dir, pairs, tmp / "cache", size)
+    batches = step_batches(pairs, size)
+    examples = trl_examples(trainer, pairs)
+    trl_batches = [examples[s : s + size] for s in range(0, len(examples), size)]
+    dpo_loss, ropo_loss = get_loss("dpo", beta=BETA), get_loss("ropo", beta=BETA)
+    steps = {
+        "trl": lambda k: trl_step(trainer, trl_batches[k])[0],
+        "dpo": lambda k: our_step(dpo, dpo_loss, batches[k]).loss,
+        "ropo": lambda k: our_step(ropo, ropo_loss, batches[k]).loss,
+    }
+    for step in steps.values():
+        for k in range(args.warmup):
+            step(k % len(batches))
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    rounds, peaks = [], []
+    deadline = time.perf_counter() + args.budget / len(args.variants)
+    for r in range(args.repeats):
+        if r > 0 and time.perf_counter() > deadline:
+            break  # a machine busy with other work: fewer epochs rather than no result
+        (machine, own), start = cpu_seconds(), time.perf_counter()
+        epoch = alternate_epoch(steps, len(batches))
+        for name, values in epoch.items():
+            seconds[name] += values
+        cost = round_cost(ropo, model_dir, pairs, size, tmp / f"fresh-cache-{r}")
+        machine_now, own_now = cpu_seconds()
+        others = (machine_now - machine - (own_now - own)) / (time.perf_counter() - start)
+        rounds.append(cost | {"epoch_s": sum(epoch["ropo"]), "other_processes_cores": others})
+        peaks.append(matmul_peak(seconds=1.0))
+    return {"guard": as_records(checks), "step_seconds": seconds, "rounds": rounds, "peaks": peaks}
+
+
+def isolated_run(side: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    """worker.py in a fresh process: its own peak RSS and its own step times."""
+    command = [sys.executable, str(HERE / "worker.py"), side, str(model_dir)]
+    command += ["--threads", str(torch.get_num_threads())]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(timed: dict, isolated: dict, flops: dict, peak: float, workload: Workload) -> dict:
+    """Medians, throughput, MFU, memory and the ratios against TRL for one variant.
+
+    `flops` is each side's FLOPs per step in its own layout, so MFU never credits a side for work
+    it skips; tokens/s counts the same 2 x pairs x (prompt + response) tokens for every side.
+    """
+    sides = {}
+    for side in SIDES:
+        seconds = statistics.median(timed["step_seconds"][side])
+        sides[side] = {
+            "seconds_per_step": seconds,
+            "tokens_per_s": workload.tokens_per_step / seconds,
+            "model_gflops_per_step": flops[side] / 1e9,
+            "mfu": flops[side] / seconds / peak,
+            "peak_rss_mb": isolated[side]["peak_rss_mb"],
+            "train_phase_peak_mb": isolated[side]["train_peak_mb"],
+            "train_phase_growth_mb": isolated[side]["train_extra_mb"],
+            "isolated_seconds_per_step": statistics.median(isolated[side]["step_seconds"]),
+            "steps_timed": len(timed["step_seconds"][side]),
+        }
+    ratios = {
+        f"{side}_{key}_vs_trl": sides[side][key] / sides["trl"][key]
+        for side in ("dpo", "ropo")
+        for key in ("tokens_per_s", "peak_rss_mb", "train_phase_growth_mb")
+    }
+    rounds = timed["rounds"]
+    median = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    round_ = {key: median(key) for key in rounds[0]}
+    round_["extra_work_vs_epoch"] = statistics.median(
+        (r["score_s"] + r["ref_hit_s"]) / r["epoch_s"] for r in rounds
+    )
+    round_["score_vs_epoch"] = statistics.median(r["score_s"] / r["epoch_s"] for r in rounds)
+    round_["ref_hit_vs_miss"] = statistics.median(r["ref_hit_s"] / r["ref_miss_s"] for r in rounds)
+    return {
+        "guard_ok": all(check["ok"] for check in timed["guard"]),
+        "guard": timed["guard"],
+        "sides": sides,
+        "ratios": ratios,
+        "round": round_,
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--budget", type=float, default=360, help="seconds for the timed epochs of all variants"
+    )
+    args = parser.parse_args(argv)
+    workload = Workload()
+    # Progress bars of datasets, TRL and our scoring passes would bury the table.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    start = time.perf_counter()
+    peaks, measured = [matmul_peak()], {}
+    with tempfile.TemporaryDirectory(prefix="ropo-bench-") as tmp:
+        for name in args.variants:
+            model_dir = write_model(Path(tmp) / name, name)
+            timed = time_variant(model_dir, workload, args, Path(tmp) / f"{name}-work")
+            isolated = {side: isolated_run(side, model_dir, args) for side in SIDES}
+            peaks += timed["peaks"]
+            standard = model_flops_per_step(model_dir, workload, shared_prompt=False)
+            shared = model_flops_per_step(model_dir, workload, shared_prompt=True)
+            measured[name] = (timed, isolated, {"trl": standard, "dpo": shared, "ropo": shared})
+    peak = max(peaks) * 1e9  # the best sample: load from elsewhere only ever lowers a sample
+    variants = {name: summarize(*m, peak, workload) for name, m in measured.items()}
+    results = {
+        "machine": machine(peaks),
+        "workload": vars(workload) | {"tokens_per_step": workload.tokens_per_step},
+        "variants": variants,
+    }
+    results["targets"] = targets(variants)
+    results["wall_seconds"] = time.perf_counter() - start
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
+    return 0 if all(v["guard_ok"] for v in variants.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
