@@ -23,7 +23,7 @@ from ropo.loss import get_loss
 from ropo.models import ModelConfig, Transformer, generate
 from ropo.models.lora import apply_lora
 from ropo.ref_cache import RefLogps
-from ropo.train import StepSettings, make_optimizer, train_step
+from ropo.step import StepSettings, make_optimizer, train_step
 
 SHAPES = {
     # Llama-3.2-1B-like widths with the Llama-2 vocabulary; Llama-2-7B exactly.

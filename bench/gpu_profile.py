@@ -19,7 +19,7 @@ from gpu_measure import build, fake_ref, synthetic_pairs  # noqa: E402
 from ropo.config import OptimSettings  # noqa: E402
 from ropo.loss import get_loss  # noqa: E402
 from ropo.models import generate  # noqa: E402
-from ropo.train import StepSettings, make_optimizer, train_step  # noqa: E402
+from ropo.step import StepSettings, make_optimizer, train_step  # noqa: E402
 
 
 def profile_sampling() -> None:

@@ -1,5 +1,5 @@
 """Our side of the benchmark: the policy, its optimizer and the cached reference, as `train()` sets
-them up, and one step of `ropo.train.train_step`.
+them up, and one step of `ropo.step.train_step`.
 
 A timed step is the whole of `train_step`: collate the pairs, one forward for chosen and rejected
 rows, log-probs at the response positions, reference lookup in the cache, loss, backward,
@@ -21,7 +21,7 @@ from ropo.loss import PreferenceLoss
 from ropo.models import load_model
 from ropo.models.llama import Transformer
 from ropo.ref_cache import RefLogps, reference_logps
-from ropo.train import StepSettings, StepStats, make_optimizer, train_step
+from ropo.step import StepSettings, StepStats, make_optimizer, train_step
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import ropo.train as train_module
+import ropo.run_setup as run_setup
 from conftest import write_synthetic_pairs
 from ropo.cli import main
 from ropo.config import load_config
@@ -75,7 +75,7 @@ def data_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object) -> None:
         raise AssertionError("the data was read before the model and tokenizer were checked")
 
-    monkeypatch.setattr(train_module, "prepare_data", fail)
+    monkeypatch.setattr(run_setup, "prepare_data", fail)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_skipped_pairs_are_counted_and_reported(
 def test_max_pairs_cut_is_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_synthetic_pairs(tmp_path / "pairs.jsonl", 10)
     cfg = load_config(None, run_args(tiny_model_dir, data, tmp_path, "max_pairs=6"))
-    prepared = train_module.prepare_data(cfg, load_tokenizer(tiny_model_dir), tmp_path)
+    prepared = run_setup.prepare_data(cfg, load_tokenizer(tiny_model_dir), tmp_path)
     assert len(prepared.tokens) == 6
     assert "read 10 pairs, used 6, skipped 4 (beyond_max_pairs: 4)" in prepared.summary
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ropo.train as train_module
+import ropo.step as step_module
 from conftest import write_synthetic_pairs
 from ropo import faults
 from ropo.audit import truncate_jsonl
@@ -33,7 +33,7 @@ from ropo.logps import PairLogps
 from ropo.loss import get_loss
 from ropo.models import load_model, load_tokenizer
 from ropo.ref_cache import RefLogps
-from ropo.train import StepSettings, train_step
+from ropo.step import StepSettings, train_step
 
 # Two rounds of 16 pairs in steps of 4, a checkpoint every 2 steps, rejection sampling after
 # round 1: round 1 is steps 1-4 (checkpoints step-2, step-4, round-1), round 2 steps 5-8.
@@ -215,7 +215,7 @@ def test_nonfinite_step_applies_nothing(poison: str, step_inputs: tuple) -> None
 
 def poison_step(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     """Make the policy log-probs of the `call`-th training micro-batch NaN."""
-    real, calls = train_module.response_logps, {"n": 0}
+    real, calls = step_module.response_logps, {"n": 0}
 
     def response_logps(*args: object) -> PairLogps:
         logps = real(*args)
@@ -224,7 +224,7 @@ def poison_step(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
             logps = dataclasses.replace(logps, chosen=logps.chosen * math.nan)
         return logps
 
-    monkeypatch.setattr(train_module, "response_logps", response_logps)
+    monkeypatch.setattr(step_module, "response_logps", response_logps)
 
 
 def test_nonfinite_loss_stops_at_the_last_good_checkpoint_or_is_skipped(

@@ -18,7 +18,7 @@ from ropo.cli import main
 from ropo.config import OptimSettings, load_config
 from ropo.models import load_model, save_model
 from ropo.models.lora import LoRALinear, apply_lora, has_lora, merge_lora, merged_weights
-from ropo.train import make_optimizer
+from ropo.step import make_optimizer
 
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 

@@ -1,7 +1,8 @@
 """Preference data: JSONL file → PreferencePair (text) → TokenizedPair (ids), plus label noise.
 
-Sits between the tokenizer and the model: `train.py` loads pairs here, optionally flips labels with
-a known mask (for the noise audit), and tokenises them. Every pair keeps its `id` to the audit file.
+Sits between the tokenizer and the model: `run_setup.py` loads pairs here, optionally flips labels
+with a known mask (for the noise audit), and tokenises them. Every pair keeps its `id` to the
+audit file.
 
 Truncation rule (tokenize_pairs): the prompt is never cut; each response is cut at its end so that
 len(prompt_ids) + len(response_ids) <= max_length, losing its EOS when cut. A prompt that leaves no

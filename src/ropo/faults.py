@@ -14,7 +14,7 @@ import signal
 
 # Where call sites are; a name outside this list would make a fault test pass without a crash.
 POINTS = {
-    "step": "train.py, train_step: gradients computed, optimizer not stepped yet",
+    "step": "step.py, train_step: gradients computed, optimizer not stepped yet",
     "round_end": "train.py, after a round's audit files, before its checkpoint",
     "checkpoint": "checkpoint.py, model and optimizer files written, manifest and rename not yet",
     "rejection_sampling": "filter/rejection.py, inside the sampling loop",

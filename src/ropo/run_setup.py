@@ -1,0 +1,202 @@
+"""What a run fixes before its loop starts and keeps after it: data, policy, resume and final save.
+
+Sits after step.py (StepSettings, the optimizer) and before resample.py and train.py: train.py
+calls start_run, start_or_resume and save_final, and saves `checkpoint_state` in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ropo import audit, distributed
+from ropo.checkpoint import latest_checkpoint, load_adapters, load_checkpoint
+from ropo.config import RunConfig
+from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
+from ropo.distributed import is_main
+from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
+from ropo.models import Tokenizer, load_model, load_tokenizer
+from ropo.models.llama import ModelConfig, Transformer
+from ropo.models.load import save_weights
+from ropo.models.lora import apply_lora, merged_weights
+from ropo.presets import resolve_data, resolve_model
+from ropo.ref_cache import fingerprint_model_dir, fingerprint_pairs
+from ropo.resources import check_memory
+from ropo.step import StepSettings, make_optimizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Dataset:
+    """The pairs of a run: text (for export), tokens (for training) and the injected flips."""
+
+    text: list[PreferencePair]
+    tokens: list[TokenizedPair]
+    flips: dict[str, bool] | None
+    summary: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run fixes before training starts: settings, places, data and the loss."""
+
+    cfg: RunConfig
+    out: Path
+    model_dir: Path
+    tokenizer: Tokenizer
+    data: Dataset
+    loss_fn: PreferenceLoss
+    dtype: torch.dtype
+    step: StepSettings
+    base_sha256: str = ""  # with LoRA: fingerprint of the frozen base that checkpoints rely on
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint so that `resume` continues exactly."""
+
+    round_idx: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    kept_ids: list[str] | None = None  # None: every pair (round 0)
+    sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
+    n_skipped_nonfinite: int = 0  # steps not applied for a NaN/inf loss or gradient
+
+
+def start_run(cfg: RunConfig) -> Run:
+    """Check what can fail fast (paths, vocab, memory, loss), then read the data."""
+    out = Path(cfg.run.resume or cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    device = distributed.init(cfg)  # joins the process group under torchrun
+    dtype = DTYPES[cfg.model.dtype]
+    model_dir = resolve_model(cfg.model.model)
+    tokenizer = load_tokenizer(model_dir)
+    check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
+    memory = check_memory(model_dir, cfg, device, distributed.world_size())
+    if is_main():
+        print(memory)
+    loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
+    data = prepare_data(cfg, tokenizer, out)
+    if is_main():
+        print(data.summary)
+        audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
+    step = StepSettings(
+        tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
+    )
+    base_sha256 = fingerprint_model_dir(model_dir) if cfg.model.lora_rank else ""
+    return Run(cfg, out, model_dir, tokenizer, data, loss_fn, dtype, step, base_sha256)
+
+
+def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """Raise ValueError if the tokenizer has ids the embedding lacks; reads only config.json, which
+    from_hf also checks for settings we do not support (e.g. rope_scaling)."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
+            f"model's embedding has {config.vocab_size} rows "
+            f"({model_dir}/config.json vocab_size): they do not belong together"
+        )
+
+
+def loss_params(cfg: RunConfig) -> dict[str, float]:
+    """The extra parameters the chosen loss takes (alpha for ropo, epsilon for cdpo/rdpo)."""
+    return {name: getattr(cfg.loss, name) for name in LOSS_PARAMS[cfg.loss.loss]}
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
+    """Load, inject noise (recording the flip mask in <out>/flips.json) and tokenise."""
+    path, data_format = resolve_data(cfg.data.data, cfg.data.format)
+    pairs, report = load_pairs(path, format=data_format, template=cfg.data.template)
+    if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
+        report.skipped["beyond_max_pairs"] = len(pairs) - cfg.data.max_pairs  # counted, not silent
+        pairs = pairs[: cfg.data.max_pairs]
+    flips = None
+    if cfg.data.noise > 0:
+        pairs, flips = inject_noise(pairs, cfg.data.noise, cfg.run.seed)
+        if is_main():
+            (out / "flips.json").write_text(json.dumps(flips))
+    tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report)
+    if not tokens:
+        raise ValueError(f"{path}: no usable pairs left ({report.summary()})")
+    used = {pair.id for pair in tokens}
+    text = [pair for pair in pairs if pair.id in used]
+    flips = {i: flips[i] for i in used} if flips is not None else None
+    noise = f", {sum(flips.values())} labels flipped (noise={cfg.data.noise})" if flips else ""
+    return Dataset(text, tokens, flips, f"{path}: {report.summary()}{noise}")
+
+
+def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+    """A fresh policy from the model directory, or model, optimizer and state of the last
+    checkpoint (`resume`); audit lines written after that checkpoint are cut."""
+    cfg, out = run.cfg, run.out
+    optimizer_for = lambda model: make_optimizer(model, cfg.optim)  # noqa: E731
+    checkpoint = latest_checkpoint(out) if cfg.run.resume else None
+    if checkpoint is None:
+        if cfg.run.resume and is_main():
+            print(f"resume: no checkpoint in {out} yet, starting from the beginning")
+        policy = build_policy(run)
+        if is_main():
+            for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        return policy, optimizer_for(policy), LoopState()
+    policy, optimizer, saved = load_checkpoint(
+        checkpoint, lambda path: build_policy(run, path), optimizer_for, run.step.device
+    )
+    state = LoopState(**saved["loop"])
+    if is_main():
+        print(
+            f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
+            f"step {state.global_step})"
+        )
+        audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
+        audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
+        audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
+        audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] < state.round_idx)
+    return policy, optimizer, state
+
+
+def build_policy(run: Run, checkpoint: Path | None = None) -> Transformer:
+    """The policy to train: weights of the model directory or of `checkpoint`, LoRA adapters
+    when lora_rank > 0 (a checkpoint then holds only them), sharded with FSDP under torchrun."""
+    cfg = run.cfg.model
+    source = checkpoint if checkpoint is not None and not cfg.lora_rank else run.model_dir
+    policy = load_model(source, dtype=run.dtype, device=run.step.device)
+    if cfg.lora_rank:
+        targets = cfg.lora_targets.split(",")
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, targets, seed=run.cfg.run.seed)
+        if checkpoint is not None:
+            load_adapters(policy, checkpoint, run.base_sha256)
+    policy.activation_checkpointing = cfg.activation_checkpointing
+    policy.train()
+    return distributed.shard_model(policy)
+
+
+def checkpoint_state(state: LoopState, run: Run) -> dict[str, Any]:
+    """The run state a checkpoint's state.json holds: loop counters and the resolved config."""
+    saved = {"loop": vars(state).copy(), "config": run.cfg.to_flat_dict()}
+    if run.base_sha256:  # a LoRA checkpoint holds adapters for exactly this base model
+        saved["base_model_sha256"] = run.base_sha256
+    return saved
+
+
+def save_final(run: Run, policy: Transformer) -> None:
+    """<out>/final: the policy in plain Hugging Face layout (LoRA merged) and the tokenizer."""
+    weights = distributed.gather_weights(policy)  # under FSDP every rank takes part
+    if not is_main():
+        return
+    if run.cfg.model.lora_rank:
+        weights = merged_weights(weights, run.cfg.model.lora_alpha / run.cfg.model.lora_rank)
+    save_weights(policy.config, weights, run.out / "final")
+    shutil.copy(run.model_dir / "tokenizer.model", run.out / "final" / "tokenizer.model")
