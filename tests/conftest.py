@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ropo.models import ModelConfig, Transformer, save_model
+from model_fixtures import tiny_config
+from ropo.models import Transformer, save_model
 from ropo.models.tokenizer import train_tokenizer
 
 # The test models are tiny: a second thread only adds contention on a shared 2-core machine.
@@ -38,20 +39,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _sentences(rng, 400) + ["Question: Answer:"], root / "tok", vocab_size=300
     )
     torch.manual_seed(0)
-    config = ModelConfig(
+    config = tiny_config(
         vocab_size=tokenizer.vocab_size,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
         max_position_embeddings=256,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        architecture="LlamaForCausalLM",
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
     )

@@ -1,6 +1,7 @@
-"""Tiny random Llama/Mistral models for the model tests; transformers is only the oracle here.
+"""Tiny random Llama/Mistral models for the tests; transformers is only the oracle here.
 
 Every weight is random, norm scales included, so a swapped or misnamed tensor changes logits.
+`tiny_config` is the one hand-written ModelConfig that tests without an HF oracle start from.
 """
 
 from pathlib import Path
@@ -9,8 +10,26 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from ropo.models.llama import ModelConfig, Transformer
+from ropo.models import ModelConfig, Transformer
 
+# The shared tiny ModelConfig: 2 layers, width 32, grouped-query attention (4 query heads, 2 kv).
+TINY_MODEL_CONFIG = {
+    "vocab_size": 50,
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 128,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "architecture": "LlamaForCausalLM",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 HF_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -37,6 +56,11 @@ CASES = {
     "tied": ("llama", {"tie_word_embeddings": True}),
     "head_dim_32": ("llama", {"head_dim": 32}),  # hidden / heads would be 16
 }
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """TINY_MODEL_CONFIG with `overrides` (ModelConfig field names) on top; unknown names raise."""
+    return ModelConfig(**(TINY_MODEL_CONFIG | overrides))
 
 
 def hf_config(kind: str = "llama", **overrides: object) -> transformers.PretrainedConfig:

@@ -7,8 +7,8 @@ Prompts of different lengths make every batch left-padded, so padding, explicit 
 import pytest
 import torch
 
-from model_fixtures import hf_model, our_model, save_hf
-from ropo.models.llama import ModelConfig, Transformer
+from model_fixtures import hf_model, our_model, save_hf, tiny_config
+from ropo.models import Transformer
 from ropo.models.load import load_model
 from ropo.models.sample import generate
 
@@ -118,21 +118,5 @@ def test_vocab_limit_never_samples_padded_embedding_rows() -> None:
 
 
 def tiny_llama_for_limit() -> Transformer:
-    config = ModelConfig(
-        vocab_size=64,
-        dim=32,
-        n_layers=1,
-        n_heads=4,
-        n_kv_heads=4,
-        head_dim=8,
-        intermediate_size=64,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=64,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        architecture="LlamaForCausalLM",
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = tiny_config(vocab_size=64, n_layers=1, n_kv_heads=4, max_position_embeddings=64)
     return Transformer(config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_fixtures import tiny_config
 from ropo.data import TokenizedPair
 from ropo.logps import (
     collate_pairs,
@@ -15,27 +16,15 @@ from ropo.logps import (
     sequence_logps,
     shared_prompt_mask,
 )
-from ropo.models import ModelConfig, Transformer
+from ropo.models import Transformer
 
 
 def tiny_model(vocab: int = 50, sliding_window: int | None = None) -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig(
+    config = tiny_config(
         vocab_size=vocab,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=128,
         sliding_window=sliding_window,
-        tie_word_embeddings=False,
         architecture="LlamaForCausalLM" if sliding_window is None else "MistralForCausalLM",
-        bos_token_id=1,
-        eos_token_id=2,
     )
     return Transformer(config)
 
