@@ -24,8 +24,10 @@ from ropo.data import TokenizedPair
 from ropo.logps import PairLogps, score_pairs
 from ropo.models.load import load_model
 
-# Bump when the way log-probs are computed changes, so old caches stop matching.
-LOGP_CONVENTION = "summed-response-logps-fp32-v1"
+# Bump when the way log-probs are computed changes, so old caches stop matching. v2: one
+# [prompt | chosen | rejected] row per pair (logps.collate_pairs) instead of two rows; the sums
+# agree only up to float rounding, so v1 caches (the two-row layout) are not reused.
+LOGP_CONVENTION = "shared-prompt-row-summed-response-logps-fp32-v2"
 
 
 @dataclass
