@@ -1,6 +1,9 @@
-"""The command line routes `ropo train` without a model to the built-in task."""
+"""The command line routes `ropo train` without a model to the built-in task, and checks the
+built-in task's settings before any of its stages runs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,58 @@ def test_builtin_settings_are_checked(capsys: pytest.CaptureFixture) -> None:
     # An unknown built-in setting fails before any work, and the message shows which parser ran.
     assert main(["builtin", "no_such_setting=1"]) == 2
     assert "ropo builtin: error: unknown setting 'no_such_setting'" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def no_builtin_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Stands in for the built-in runs (minutes each) and records what would have run."""
+    calls: list[tuple] = []
+    monkeypatch.setattr("ropo.task.pipeline.run_builtin", lambda *args: calls.append(args))
+    monkeypatch.setattr("ropo.task.pipeline.run_sweep", lambda *args: calls.append(args))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("lr=.nan", "'lr' = nan"),  # YAML's NaN
+        ("lr=nan", "'lr' = nan"),  # a string that float() reads as NaN
+        ("sft_lr=inf", "'sft_lr' = inf"),
+        ("beta=0", "'beta' = 0.0"),
+        ("noise=0.5", "'noise' = 0.5"),  # flipping half the labels leaves no signal
+        ("rho=1", "'rho' = 1.0"),
+        ("alpha=2", "'alpha' = 2.0"),
+        ("demo_error_rate=-0.1", "'demo_error_rate' = -0.1"),
+        ("batch_size=0", "'batch_size' = 0"),
+        ("max_len=2", "'max_len' = 2"),  # below min_len=3
+        ("samples_per_prompt=1", "'samples_per_prompt' = 1"),
+        ("dim=30", "'dim' = 30"),  # not a multiple of n_heads=4
+        ("methods=dpo,dpo", "'methods' = 'dpo,dpo'"),
+        ("device=gpu", "'device' = 'gpu'"),
+        ("lr=fast", "lr='fast'"),
+        ("seed=true", "seed='true'"),
+        ("sweep=maybe", "sweep='maybe'"),
+    ],
+)
+def test_bad_builtin_settings_fail_before_any_work(
+    setting: str, named: str, no_builtin_run: list[tuple], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["builtin", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ropo builtin: error: ") and named in err
+    assert no_builtin_run == []
+
+
+def test_good_builtin_settings_reach_the_pipeline(no_builtin_run: list[tuple]) -> None:
+    assert main(["builtin", "lr=1e-5", "noise=0", "rho=0", "methods=dpo,ropo", "out=x"]) == 0
+    assert len(no_builtin_run) == 1
+    settings, out = no_builtin_run[0]
+    assert (settings.lr, settings.noise, settings.methods, out) == (
+        1e-5,
+        0.0,
+        ("dpo", "ropo"),
+        Path("x"),
+    )
 
 
 def test_train_alone_runs_the_builtin_task(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,10 +54,10 @@ class ModelSettings:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _check_choice("autocast", self.autocast, ("none", "bfloat16"))
-        _check_range("lora_rank", self.lora_rank, 0, None)
-        _check_range("lora_alpha", self.lora_alpha, 0.0, None, low_open=True)
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("autocast", self.autocast, ("none", "bfloat16"))
+        check_range("lora_rank", self.lora_rank, 0, None)
+        check_range("lora_alpha", self.lora_alpha, 0.0, None, low_open=True)
         targets = self.lora_targets.split(",")
         if not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
             raise ValueError(
@@ -78,13 +78,11 @@ class DataSettings:
     max_pairs: int = _key(0, "use only the first N pairs of the file (0 = all)")
 
     def __post_init__(self) -> None:
-        _check_choice(
-            "format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr")
-        )
-        _check_choice("template", self.template, ("plain", "llama2-chat", "mistral-instruct"))
-        _check_range("max_length", self.max_length, 2, None)
-        _check_range("noise", self.noise, 0.0, 0.5, high_open=True)
-        _check_range("max_pairs", self.max_pairs, 0, None)
+        check_choice("format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr"))
+        check_choice("template", self.template, ("plain", "llama2-chat", "mistral-instruct"))
+        check_range("max_length", self.max_length, 2, None)
+        check_range("noise", self.noise, 0.0, 0.5, high_open=True)
+        check_range("max_pairs", self.max_pairs, 0, None)
 
 
 @dataclass(frozen=True)
@@ -95,8 +93,8 @@ class LossSettings:
     label_smoothing: float = _key(0.1, "epsilon of cdpo / rdpo (the assumed flip rate)")
 
     def __post_init__(self) -> None:
-        _check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
-        _check_range("beta", self.beta, 0.0, None, low_open=True)
+        check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
+        check_range("beta", self.beta, 0.0, None, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -110,12 +108,12 @@ class FilterSettings:
     rs_max_new_tokens: int = _key(128, "length limit of sampled responses")
 
     def __post_init__(self) -> None:
-        _check_range("rounds", self.rounds, 1, None)
-        _check_range("rho", self.rho, 0.0, 1.0, high_open=True)
-        _check_range("rs_k", self.rs_k, 2, None)
-        _check_range("rs_temperature", self.rs_temperature, 0.0, None)
-        _check_range("rs_top_p", self.rs_top_p, 0.0, 1.0, low_open=True)
-        _check_range("rs_max_new_tokens", self.rs_max_new_tokens, 1, None)
+        check_range("rounds", self.rounds, 1, None)
+        check_range("rho", self.rho, 0.0, 1.0, high_open=True)
+        check_range("rs_k", self.rs_k, 2, None)
+        check_range("rs_temperature", self.rs_temperature, 0.0, None)
+        check_range("rs_top_p", self.rs_top_p, 0.0, 1.0, low_open=True)
+        check_range("rs_max_new_tokens", self.rs_max_new_tokens, 1, None)
 
 
 @dataclass(frozen=True)
@@ -130,14 +128,14 @@ class OptimSettings:
     max_grad_norm: float = _key(1.0, "gradient clipping threshold (0 = off)")
 
     def __post_init__(self) -> None:
-        _check_range("epochs", self.epochs, 1, None)
-        _check_range("lr", self.lr, 0.0, None, low_open=True)
-        _check_range("batch_size", self.batch_size, 1, None)
-        _check_range("grad_accum", self.grad_accum, 1, None)
-        _check_range("weight_decay", self.weight_decay, 0.0, None)
-        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
-        _check_range("max_grad_norm", self.max_grad_norm, 0.0, None)
+        check_range("epochs", self.epochs, 1, None)
+        check_range("lr", self.lr, 0.0, None, low_open=True)
+        check_range("batch_size", self.batch_size, 1, None)
+        check_range("grad_accum", self.grad_accum, 1, None)
+        check_range("weight_decay", self.weight_decay, 0.0, None)
+        check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, None)
 
 
 @dataclass(frozen=True)
@@ -156,8 +154,8 @@ class RunSettings:
     )
 
     def __post_init__(self) -> None:
-        _check_range("log_every", self.log_every, 1, None)
-        _check_range("save_every", self.save_every, 0, None)
+        check_range("log_every", self.log_every, 1, None)
+        check_range("save_every", self.save_every, 0, None)
 
 
 SECTIONS = {
@@ -315,12 +313,13 @@ def _owner_class(key: str) -> type:
     return SECTIONS[KEYS[key][0]]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError naming `name` and `value` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
 
 
-def _check_range(
+def check_range(
     name: str,
     value: float,
     low: float | None,
@@ -328,6 +327,8 @@ def _check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
+    """ValueError naming `name` and `value` unless it is finite and within [low, high] (None: no
+    bound; *_open: that end excluded). The built-in task's settings use it too."""
     bad = isinstance(value, float) and not math.isfinite(value)
     if low is not None:
         bad = bad or value < low or (low_open and value == low)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from ropo.config import load_config
+from ropo.config import check_range, load_config
 from ropo.data import load_pairs, write_pairs_jsonl
 from ropo.models import Transformer, load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
@@ -73,13 +74,45 @@ class TaskSettings:
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def __post_init__(self) -> None:
+        # Checked here, before any stage runs: a bad value would otherwise surface only after
+        # minutes of SFT, when `ropo train` or a stage first reads it.
+        for name in COUNTS:
+            check_range(name, getattr(self, name), 1, None)
+        for name in ("sft_lr", "lr", "beta"):
+            check_range(name, getattr(self, name), 0.0, None, low_open=True)
+        check_range("max_len", self.max_len, self.min_len, None)  # min_len <= max_len
+        check_range("demo_error_rate", self.demo_error_rate, 0.0, 1.0)
+        # 256 byte pieces + unk, bos, eos + at least one character; sentencepiece knows the rest
+        check_range("vocab_size", self.vocab_size, 260, None)
+        if self.dim % self.n_heads != 0 or (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"config key 'dim' = {self.dim} must be n_heads={self.n_heads} times an even "
+                "head size (RoPE rotates pairs of dimensions)"
+            )
+        check_range("samples_per_prompt", self.samples_per_prompt, 2, None)  # a pair needs two
+        check_range("temperature", self.temperature, 0.0, None)  # 0 is greedy
         unknown = [m for m in self.methods if m not in METHOD_LABELS]
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; choose from {list(METHOD_LABELS)}")
-        if not 0.0 <= self.noise < 0.5:
-            raise ValueError(f"noise={self.noise} must be in [0, 0.5)")
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(
+                f"config key 'methods' = {','.join(self.methods)!r} must be distinct names "
+                f"from {','.join(METHOD_LABELS)}, separated by commas"
+            )
+        check_range("noise", self.noise, 0.0, 0.5, high_open=True)
+        check_range("rho", self.rho, 0.0, 1.0, high_open=True)
+        check_range("alpha", self.alpha, 2.0, None, low_open=True)  # loss/preference.py says why
+        check_range("rs_k", self.rs_k, 2, None)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(
+                f"config key 'device' = {self.device!r} is not auto, cpu, cuda or cuda:N"
+            )
+        check_range("threads", self.threads, 0, None)
 
 
+# Settings that count something and must be at least 1.
+COUNTS = (
+    "n_sft n_train_prompts n_heldout_prompts min_len dim n_layers n_heads sft_steps "
+    "sft_batch_size max_new_tokens batch_size rounds epochs_per_round eval_samples"
+).split()
 # The settings each stage reads; a stage reruns when one of them (or an upstream stage) changes.
 DEMO_KEYS = "seed n_sft min_len max_len demo_error_rate vocab_size".split()
 SFT_KEYS = "dim n_layers n_heads sft_steps sft_batch_size sft_lr device".split()
@@ -429,26 +462,42 @@ def parse_settings(words: list[str]) -> tuple[TaskSettings, Path, bool]:
         if not sep:
             raise ValueError(f"expected key=value, got {word!r}")
         if key == "out":
+            if not raw:
+                raise ValueError("setting out='': expected a directory")
             out = Path(raw)
         elif key == "sweep":
-            sweep = bool(yaml.safe_load(raw))
+            sweep = _parse_setting(key, raw, False)
         elif key == "methods":
             values[key] = tuple(m.strip() for m in raw.split(",") if m.strip())
         elif key in fields:
-            value = yaml.safe_load(raw)
-            value = float(value) if isinstance(fields[key], float) else value
-            if not isinstance(value, type(fields[key])):
-                raise ValueError(f"setting {key}={raw!r}: expected {type(fields[key]).__name__}")
-            values[key] = value
+            values[key] = _parse_setting(key, raw, fields[key])
         else:
             raise ValueError(f"unknown setting {key!r}; settings: out, sweep, {', '.join(fields)}")
     return TaskSettings(**values), out, sweep
+
+
+def _parse_setting(key: str, raw: str, default: Any) -> Any:
+    """The YAML value of `raw` if it has the type of `default`; else a ValueError naming both."""
+    expected = type(default)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML: only a str setting can take it as it is
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-5" (no dot) and "nan" as strings; TaskSettings rejects nan
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"setting {key}={raw!r}: expected {expected.__name__}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ropo.task.pipeline [out=DIR] [sweep=true] [setting=value ...]`."""
     try:
         settings, out, sweep = parse_settings(sys.argv[1:] if argv is None else argv)
+        pick_device(settings.device)  # device=cuda without CUDA fails now, not after stage 1
         (run_sweep if sweep else run_builtin)(settings, out)
     except (ValueError, FileNotFoundError) as err:
         print(f"ropo builtin: error: {err}", file=sys.stderr)
