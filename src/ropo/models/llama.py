@@ -224,28 +224,67 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # HF order: x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, and only
-        # then scale. F.rms_norm does the first part in one fused kernel, backward included.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        if x.is_cuda:
+            # CUDA has fused rms_norm kernels, forward and backward: 142 instead of 151 ms per
+            # 1B-shape step on an H100. On CPU the backward is not fused; see RMSNormFunction.
+            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+            return self.weight * normed.to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * n with n = x * rstd, rstd = rsqrt(mean(x^2) + eps), and a closed-form backward.
+
+    HF order: n in fp32, cast back to x's dtype, and only then scaled. Backward, with g the
+    gradient of the output and dn = g * weight (one row, C wide):
+        dx = rstd * (dn - n * mean(dn * n)),    dweight = sum over rows of g * n.
+    Autograd through F.rms_norm runs about ten elementwise kernels in backward on CPU; this runs
+    five (1.1 -> 0.3 ms at (8, 192, 256) on 2 cores, nine norms per step). Used on CPU only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays, for gradcheck)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd  # recomputed: one pass, and exact where x is bf16
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # frozen under LoRA
+            grad_weight = (grad_out * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = (grad_out * weight).to(rstd.dtype)
+        mean_term = (grad_normed * normed).mean(-1, keepdim=True)  # (..., 1)
+        grad_x = rstd * (grad_normed - normed * mean_term)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 def rope_cos_sin(
     positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin (B, T, D) for integer positions (B, T), computed in fp32 then cast to dtype."""
+    """cos and signed sin (B, T, 1, D) for integer positions (B, T), in fp32 then cast to dtype.
+
+    The sin's first half is negated, so that apply_rope needs a roll instead of rotate-half.
+    """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
     inv_freq = (1.0 / theta**exponents).to(positions.device)  # (D/2,), made on CPU as in HF
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): half-split layout of HF weights
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (B, T, D): half-split layout of HF
+    signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, T, D)
+    return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)  # (B, T, 1, D) each
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, heads, D) pairing dim j with j + D/2 (rotate-half, as HF checkpoints)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate x (B, T, heads, D) pairing dim j with j + D/2 (rotate-half, as HF checkpoints).
+
+    HF writes x * cos + cat(-x2, x1) * sin; with the sign folded into the sin that is
+    x * cos + cat(x2, x1) * signed_sin, and cat(x2, x1) is a roll by D/2. Three kernels forward
+    and four backward instead of five and seven (half the time at (8, 192, 8, 32) on CPU).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def build_attention_mask(
@@ -280,15 +319,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * D, C, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        signed_sin: Tensor,
+        mask: Tensor | None,
+        kv_cache: KVCache | None,
     ) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D)
         k = self.wk(x).view(B, T, K, D)
         v = self.wv(x).view(B, T, K, D)
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, K, T, D)
+        q = apply_rope(q, cos, signed_sin).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k, cos, signed_sin).transpose(1, 2)  # (B, K, T, D)
         v = v.transpose(1, 2)  # (B, K, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
@@ -336,9 +380,14 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        signed_sin: Tensor,
+        mask: Tensor | None,
+        kv_cache: KVCache | None,
     ) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache)
+        x = x + self.attention(self.attention_norm(x), cos, signed_sin, mask, kv_cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -377,15 +426,17 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.tok_embeddings(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, signed_sin = rope_cos_sin(
+            positions, self.config.head_dim, self.config.rope_theta, x.dtype
+        )
         mask = (
             attn_mask if attn_mask is not None else self._mask(input_ids, attention_mask, kv_cache)
         )
         for layer in self.layers:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+                x = checkpoint(layer, x, cos, signed_sin, mask, None, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache)
+                x = layer(x, cos, signed_sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)
