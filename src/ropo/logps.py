@@ -204,10 +204,32 @@ def sequence_logps(
 
 
 def _token_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor) -> Tensor:
-    logits = (hidden @ head_weight.T).float()  # (m, V)
-    # log-softmax in fp32 (bf16 logsumexp is unstable). Its fused kernel, forward and backward,
-    # costs a third of logit[target] - logsumexp(logits) on CPU, for the same (m, V) kept.
-    return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+    logits = (hidden @ head_weight.T).float()  # (m, V), fp32: bf16 logsumexp is unstable
+    return TargetLogProbs.apply(logits, targets)
+
+
+class TargetLogProbs(torch.autograd.Function):
+    """log_softmax(logits)[i, targets[i]], (m,), for logits (m, V), with a hand-written backward.
+
+    d log p(y) / d logits = onehot(y) - softmax(logits). Autograd of log_softmax + gather would
+    zero-fill an (m, V) gradient, scatter into it and read it back in log_softmax's backward;
+    here the saved log-probs turn into the gradient in place: exp, times -g, plus g at y.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        logp = logits.log_softmax(dim=-1)  # (m, V)
+        ctx.save_for_backward(logp, targets)
+        return logp.gather(1, targets[:, None]).squeeze(1)  # (m,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # In place on the saved tensor: a second backward through this graph would find its
+        # version changed and raise, never read a gradient as log-probs.
+        logp, targets = ctx.saved_tensors
+        grad_logits = logp.exp_().mul_(-grad[:, None])  # -g * softmax, (m, V)
+        grad_logits.scatter_add_(1, targets[:, None], grad[:, None])
+        return grad_logits, None
 
 
 def _head_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
