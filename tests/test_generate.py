@@ -64,7 +64,7 @@ def test_stops_once_every_row_has_finished() -> None:
     model = our_model("llama")
     torch.nn.init.zeros_(model.output.weight)  # all logits tie, so argmax is token 0 everywhere
     calls = []
-    model.register_forward_hook(lambda *args: calls.append(1))
+    model.output.register_forward_hook(lambda *args: calls.append(1))  # once per step
     got = generate(model, PROMPTS, max_new_tokens=8, temperature=0, eos_id=0)
     assert got == [[0], [0], [0]] and len(calls) == 1  # the prefill, and no decode step
 

@@ -6,11 +6,18 @@ were filtered out). Prompts are left-padded so every row's next token sits in th
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ropo.models.llama import KVCache, Transformer
 
+# Every SDPA backend but cuDNN's. cuDNN's builds an execution plan per key length, and decoding
+# grows the key length by one each step: on an H100 that cost about 2 ms of CPU per layer per
+# step, several times the step's GPU work. (CPU's kernel is FLASH_ATTENTION.)
+DECODING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 @torch.inference_mode()
+@sdpa_kernel(DECODING_BACKENDS)
 def generate(
     model: Transformer,
     prompts_ids: list[list[int]],
@@ -42,7 +49,7 @@ def generate(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(model.config, B, P + max_new_tokens, dtype, device)
-    logits = model(input_ids, mask, positions, cache)[:, -1]  # (B, V)
+    logits = _last_logits(model, input_ids, mask, positions, cache)  # (B, V)
     next_position = mask.sum(-1, keepdim=True)  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
@@ -57,10 +64,17 @@ def generate(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         ones = torch.ones(B, 1, dtype=torch.long, device=device)
-        logits = model(token[:, None], ones, next_position, cache)[:, -1]  # (B, V)
+        logits = _last_logits(model, token[:, None], ones, next_position, cache)  # (B, V)
         next_position = next_position + 1
     rows = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
     return [_cut_after_eos(row, eos_id) for row in rows]
+
+
+def _last_logits(
+    model: Transformer, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVCache
+) -> Tensor:
+    # The LM head at the last position only: the prefill's (B, P, V) logits would be a GB at 7B.
+    return model.output(model.hidden_states(ids, mask, positions, cache)[:, -1])  # (B, V)
 
 
 def sample_token(
