@@ -1,18 +1,27 @@
 """CUDA checks, run on a GPU machine (`pytest -m gpu`); skipped where there is no CUDA device.
 
 The CPU tests pin the math; these check that the same code keeps it on CUDA: the hand-written
-backward passes under bf16 autocast, log-probs and gradients against the CPU in fp32, and
-greedy sampling against the CPU.
+backward passes under bf16 autocast, log-probs and gradients against the CPU in fp32, greedy
+sampling against the CPU, torchrun's NCCL + FSDP2 path (one process), and a rejection-sampling
+run in bf16 autocast.
 """
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import write_synthetic_pairs
 from model_fixtures import tiny_config
+from ropo.config import load_config
 from ropo.data import TokenizedPair
 from ropo.logps import collate_pairs, response_logps
 from ropo.models import Transformer, generate
 from ropo.models.llama import RMSNorm
+from ropo.train import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,7 +84,7 @@ def test_rms_norm_on_cuda_matches_the_cpu_function() -> None:
     results = []
     for device in ("cpu", "cuda"):
         norm.to(device).zero_grad(set_to_none=True)
-        leaf = x.to(device).requires_grad_()
+        leaf = x.to(device, copy=True).requires_grad_()
         out = norm(leaf)
         out.backward(grad_out.to(device))
         results.append([t.detach().cpu() for t in (out, leaf.grad, norm.weight.grad)])
@@ -90,3 +99,42 @@ def test_greedy_sampling_on_cuda_equals_cpu() -> None:
     on_cpu = generate(model, prompts, max_new_tokens=12, temperature=0, eos_id=2)
     on_cuda = generate(model.to("cuda"), prompts, max_new_tokens=12, temperature=0, eos_id=2)
     assert on_cuda == on_cpu
+
+
+# A ROPO run small enough for a test: 21 pairs, two rounds, a quarter dropped each round.
+RUN = ("loss=ropo", "rounds=2", "rho=0.25", "noise=0.25", "batch_size=4", "grad_accum=2",
+       "lr=3e-3", "warmup_ratio=0", "max_length=64", "log_every=1", "save_every=0")  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_torchrun_with_nccl_trains_like_a_plain_cuda_run(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # One process under torchrun takes the NCCL + FSDP2 path end to end on the GPU.
+    data = write_synthetic_pairs(tmp_path / "pairs.jsonl", 21)
+    args = [f"model={tiny_model_dir}", f"data={data}", *RUN, "device=cuda"]
+    plain = train(load_config(None, [*args, f"out={tmp_path / 'plain'}"]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    command = [*launch, "-m", "ropo", "train", *args, f"out={tmp_path / 'nccl'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged, expected = (read_jsonl(run / "train_log.jsonl") for run in (tmp_path / "nccl", plain))
+    assert [r["step"] for r in logged] == [r["step"] for r in expected]
+    for ours, theirs in zip(logged, expected, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+    kept = lambda run: [(r["round"], r["id"], r["kept"]) for r in read_jsonl(run / "pairs.jsonl")]  # noqa: E731
+    assert kept(tmp_path / "nccl") == kept(plain)
+
+
+def test_rejection_sampling_run_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_synthetic_pairs(tmp_path / "pairs.jsonl", 21)
+    sampling = ("rejection_sampling=true", "rs_k=2", "rs_max_new_tokens=8")
+    args = [f"model={tiny_model_dir}", f"data={data}", *RUN, *sampling, "device=cuda",
+            "autocast=bfloat16", f"out={tmp_path / 'rs'}"]  # fmt: skip
+    run = train(load_config(None, args))
+    sampled = read_jsonl(run / "sampled_pairs.jsonl")
+    assert sampled, "no pair was sampled for the dropped prompts"
+    assert (run / "final" / "model.safetensors").exists()
