@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import ropo.task.pipeline as pipeline
+import ropo.task.stages as stages
 from ropo.data import load_pairs
 from ropo.logps import PairLogps
 from ropo.task.evaluate import noise_identification, preference_accuracy, win_rate
 from ropo.task.pairs import build_pairs
-from ropo.task.pipeline import TaskSettings, parse_settings, run_builtin, run_stage, run_sweep
+from ropo.task.pipeline import run_builtin, run_sweep
+from ropo.task.settings import TaskSettings, parse_settings
 from ropo.task.sorting import correct_response, gold_reward, make_task
+from ropo.task.stage_cache import run_stage
 
 
 def test_gold_reward_counts_right_positions_over_the_longer_list() -> None:
@@ -210,7 +212,7 @@ def test_a_rerun_skips_every_stage_and_a_change_reruns_only_what_depends_on_it(
 ) -> None:
     out, first = toy_run
     trained = []
-    real_train = pipeline.train
+    real_train = stages.train
 
     def counting_train(cfg):  # noqa: ANN001, ANN202
         trained.append(Path(cfg.run.out).name)
@@ -219,8 +221,8 @@ def test_a_rerun_skips_every_stage_and_a_change_reruns_only_what_depends_on_it(
     def no_sft(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("SFT must not rerun")
 
-    monkeypatch.setattr(pipeline, "train", counting_train)
-    monkeypatch.setattr(pipeline, "train_sft", no_sft)
+    monkeypatch.setattr(stages, "train", counting_train)
+    monkeypatch.setattr(stages, "train_sft", no_sft)
     again = run_builtin(TOY, out)
     assert trained == [] and again["runs"] == first["runs"]
     run_builtin(replace(TOY, rho=0.5, methods=("dpo", "ropo")), out)
@@ -231,7 +233,7 @@ def test_sweep_reuses_the_first_stages(
     toy_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out, _ = toy_run
-    monkeypatch.setattr(pipeline, "train_sft", lambda *a, **k: pytest.fail("SFT reran"))
+    monkeypatch.setattr(stages, "train_sft", lambda *a, **k: pytest.fail("SFT reran"))
     sweep = run_sweep(TOY, out, noises=(0.0, 0.25), seeds=(0,), methods=("dpo", "ropo"))
     assert len(sweep["runs"]) == 4
     assert {(r["method"], r["noise"]) for r in sweep["runs"]} == {

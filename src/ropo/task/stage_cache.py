@@ -1,0 +1,53 @@
+"""How the built-in task skips work it has done: each stage records a hash of its inputs in
+<out>/stages/<name>.json and is skipped when a rerun finds the same hash and its outputs in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageResult:
+    key: str  # hash of the stage's inputs, upstream keys included
+    result: dict[str, Any]
+    seconds: float
+    cached: bool
+
+
+def run_stage(
+    out: Path, name: str, inputs: dict[str, Any], outputs: list[Path], work: Callable[[], dict]
+) -> StageResult:
+    """Run `work` unless <out>/stages/<name>.json holds the same inputs and `outputs` all exist."""
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    marker = out / "stages" / f"{name}.json"
+    if marker.is_file() and all(p.exists() for p in outputs):
+        done = json.loads(marker.read_text())
+        if done["key"] == key:
+            print(f"[{name}] up to date, skipped ({done['seconds']:.0f} s when it ran)")
+            return StageResult(key, done["result"], done["seconds"], cached=True)
+    print(f"[{name}] running")
+    marker.unlink(missing_ok=True)  # an interrupted stage must not look done
+    start = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - start
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": key, "inputs": inputs, "seconds": seconds, "result": result}
+    marker.write_text(json.dumps(record, indent=1, default=str))
+    return StageResult(key, result, seconds, cached=False)
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """How long each stage took when it last ran (a cached stage keeps its time)."""
+    markers = sorted((out / "stages").rglob("*.json"))
+    root = out / "stages"
+    return {
+        str(m.relative_to(root).with_suffix("")): json.loads(m.read_text())["seconds"]
+        for m in markers
+    }

@@ -1,0 +1,201 @@
+"""The built-in task's stages, each a function of TaskSettings run through `run_stage`: task and
+tokenizer (1), SFT (2), pairs (3), a DPO/ROPO run (5; `ropo.train` flips the labels, stage 4) and
+held-out evaluation (6). pipeline.py calls them in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ropo.config import load_config
+from ropo.data import write_pairs_jsonl
+from ropo.models import Transformer, load_model, load_tokenizer
+from ropo.models.tokenizer import train_tokenizer
+from ropo.resources import pick_device
+from ropo.task import evaluate
+from ropo.task.pairs import build_pairs, sample_responses
+from ropo.task.settings import TaskSettings
+from ropo.task.sft import save_sft, tiny_llama_config, train_sft
+from ropo.task.sorting import TaskData, make_task
+from ropo.task.stage_cache import StageResult, run_stage
+from ropo.train import train
+
+# The settings each stage reads; a stage reruns when one of them (or an upstream stage) changes.
+DEMO_KEYS = "seed n_sft min_len max_len demo_error_rate vocab_size".split()
+SFT_KEYS = "dim n_layers n_heads sft_steps sft_batch_size sft_lr device".split()
+PAIR_KEYS = "seed samples_per_prompt temperature max_new_tokens device".split()
+EVAL_KEYS = "eval_samples temperature max_new_tokens device".split()
+
+
+def method_overrides(method: str, s: TaskSettings) -> list[str]:
+    """The `ropo train` keys that make `method`; DPO gets as many epochs as ROPO gets in total."""
+    dpo = ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs_per_round}"]
+    ropo = ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}"]
+    ropo.append(f"epochs={s.epochs_per_round}")
+    table = {
+        "dpo_clean": dpo,
+        "dpo": dpo,
+        "ropo_loss": ["loss=ropo", f"alpha={s.alpha}", *dpo[1:]],
+        "ropo": ropo,
+        "ropo_rs": [*ropo, "rejection_sampling=true", f"rs_k={s.rs_k}"],
+    }
+    return table[method]
+
+
+def _pick(s: TaskSettings, *keys: list[str]) -> dict[str, Any]:
+    return {name: getattr(s, name) for group in keys for name in group}
+
+
+def stage_task(s: TaskSettings, out: Path) -> StageResult:
+    """Stage 1: seeded prompts and demonstrations, and a tokenizer trained on the demonstrations."""
+    task_dir = out / "task"
+
+    def work() -> dict[str, Any]:
+        task = make_task(
+            s.n_sft,
+            s.n_train_prompts,
+            s.n_heldout_prompts,
+            s.seed,
+            s.min_len,
+            s.max_len,
+            demo_error_rate=s.demo_error_rate,
+        )
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / "task.json").write_text(json.dumps(asdict(task)))
+        texts = task.sft_prompts + task.demonstrations
+        tokenizer = train_tokenizer(texts, task_dir, s.vocab_size, seed=s.seed)
+        return {"demo_errors": task.demo_errors, "vocab_size": tokenizer.vocab_size}
+
+    inputs = _pick(s, DEMO_KEYS, ["n_train_prompts", "n_heldout_prompts"])
+    outputs = [task_dir / "task.json", task_dir / "tokenizer.model"]
+    return run_stage(out, "task", inputs, outputs, work)
+
+
+def load_task(out: Path) -> TaskData:
+    return TaskData(**json.loads((out / "task" / "task.json").read_text()))
+
+
+def stage_sft(s: TaskSettings, out: Path) -> StageResult:
+    """Stage 2: a tiny Llama trained on the demonstrations, saved as an HF model directory.
+
+    Its inputs are the demonstration and model settings alone (not the task stage's key): the
+    demonstrations and the tokenizer do not change with the number of preference prompts.
+    """
+
+    def work() -> dict[str, Any]:
+        task, tokenizer = load_task(out), load_tokenizer(out / "task")
+        torch.manual_seed(s.seed)
+        positions = 4 * s.max_len + s.max_new_tokens + 8  # "▁" + digit per number, both sides
+        config = tiny_llama_config(tokenizer, s.dim, s.n_layers, s.n_heads, positions)
+        model = Transformer(config).to(pick_device(s.device))
+        losses = train_sft(
+            model,
+            tokenizer,
+            task.sft_prompts,
+            task.demonstrations,
+            s.sft_steps,
+            s.sft_batch_size,
+            s.sft_lr,
+            s.seed,
+        )
+        save_sft(model, tokenizer, out / "sft")
+        (out / "sft_log.json").write_text(json.dumps({"nll": losses}))
+        tail = losses[-50:]
+        return {"parameters": config.num_params(), "final_nll": sum(tail) / len(tail)}
+
+    return run_stage(out, "sft", _pick(s, DEMO_KEYS, SFT_KEYS), [out / "sft/config.json"], work)
+
+
+def stage_pairs(s: TaskSettings, out: Path, task: StageResult, sft: StageResult) -> StageResult:
+    """Stage 3: K SFT samples per prompt, ranked by the gold reward, as train and held-out pairs."""
+    files = {"train": out / "pairs_train.jsonl", "heldout": out / "pairs_heldout.jsonl"}
+
+    def work() -> dict[str, Any]:
+        prompts = load_task(out)
+        tokenizer, model = load_tokenizer(out / "sft"), load_model(out / "sft")
+        model = model.to(pick_device(s.device))
+        stats = {}
+        splits = {"train": prompts.train_prompts, "heldout": prompts.heldout_prompts}
+        for offset, (split, split_prompts) in enumerate(splits.items()):
+            responses = sample_responses(
+                model,
+                tokenizer,
+                split_prompts,
+                s.samples_per_prompt,
+                s.temperature,
+                s.max_new_tokens,
+                s.seed + offset,
+                desc=f"sampling {split} responses",
+            )
+            pairs, split_stats = build_pairs(split_prompts, responses, split, s.seed + offset)
+            write_pairs_jsonl(pairs, files[split])
+            stats[split] = asdict(split_stats)
+        return stats
+
+    inputs = {"task": task.key, "sft": sft.key, **_pick(s, PAIR_KEYS)}
+    return run_stage(out, "pairs", inputs, list(files.values()), work)
+
+
+def stage_train(
+    s: TaskSettings,
+    out: Path,
+    method: str,
+    noise: float,
+    seed: int,
+    run_dir: Path,
+    pairs: StageResult,
+) -> StageResult:
+    """Stage 5: a DPO/ROPO run from the SFT model on the train pairs (`train` flips labels)."""
+    overrides = [
+        f"model={out / 'sft'}",
+        f"data={out / 'pairs_train.jsonl'}",
+        f"out={run_dir}",
+        f"noise={noise}",
+        f"seed={seed}",
+        f"lr={s.lr}",
+        f"beta={s.beta}",
+        f"batch_size={s.batch_size}",
+        "max_length=64",
+        "log_every=5",
+        f"rs_temperature={s.temperature}",
+        f"rs_max_new_tokens={s.max_new_tokens}",
+        f"device={s.device}",
+        *method_overrides(method, s),
+    ]
+
+    def work() -> dict[str, Any]:
+        train(load_config(None, overrides))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {"last_round": json.loads(lines[-1])}
+
+    name = f"train/{run_dir.relative_to(out)}"
+    inputs = {"pairs": pairs.key, "overrides": overrides}
+    return run_stage(out, name, inputs, [run_dir / "final" / "config.json"], work)
+
+
+def stage_eval(
+    s: TaskSettings,
+    out: Path,
+    name: str,
+    model_dir: Path,
+    upstream: list[str],
+    judge: Callable[[], evaluate.Judge],
+) -> StageResult:
+    """Stage 6: a policy on the held-out prompts; for a training run also its audit summary."""
+
+    def work() -> dict[str, Any]:
+        if model_dir == out / "sft":
+            return {"scores": judge().sft_scores.to_dict()}
+        scores = judge().score(model_dir, name)
+        audit_file = model_dir.parent / "pairs.jsonl"
+        audit = [json.loads(line) for line in audit_file.read_text().splitlines()]
+        return {"scores": scores.to_dict(), "rounds": evaluate.noise_identification(audit)}
+
+    inputs = {"upstream": upstream, **_pick(s, EVAL_KEYS)}
+    return run_stage(out, f"eval/{name}", inputs, [], work)
