@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_fixtures import hf_logits, hf_model, load_hf, max_diff, our_model, random_ids, save_hf
-from ropo.models.llama import ModelConfig
+from ropo.models.config import ModelConfig
 from ropo.models.load import load_model, save_model
 
 TOL = 1e-4

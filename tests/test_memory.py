@@ -22,7 +22,7 @@ from ropo import ref_cache, resources
 from ropo.config import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.models import load_tokenizer
-from ropo.models.llama import ModelConfig
+from ropo.models.config import ModelConfig
 from ropo.resources import check_memory, lora_params, training_bytes
 
 LLAMA2_7B = {

@@ -21,7 +21,8 @@ from model_fixtures import (
     random_ids,
     save_hf,
 )
-from ropo.models.llama import Attention, ModelConfig, Transformer, apply_rope, rope_cos_sin
+from ropo.models.config import ModelConfig
+from ropo.models.llama import Attention, Transformer, apply_rope, rope_cos_sin
 from ropo.models.load import load_model, save_model
 
 TOL = 1e-4

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ropo.config import RunConfig
-from ropo.models.llama import ModelConfig
+from ropo.models.config import ModelConfig
 
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30

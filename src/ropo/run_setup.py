@@ -21,7 +21,8 @@ from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, t
 from ropo.distributed import is_main
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
 from ropo.models import Tokenizer, load_model, load_tokenizer
-from ropo.models.llama import ModelConfig, Transformer
+from ropo.models.config import ModelConfig
+from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import apply_lora, merged_weights
 from ropo.presets import resolve_data, resolve_model

@@ -7,7 +7,8 @@ Public interface (other parts of ropo and outside checks call these by name):
     generate(model, prompts_ids, ...)         -> sampled continuations, KV-cached
 """
 
-from ropo.models.llama import ModelConfig, Transformer
+from ropo.models.config import ModelConfig
+from ropo.models.llama import Transformer
 from ropo.models.load import load_model, save_model
 from ropo.models.sample import generate
 from ropo.models.tokenizer import Tokenizer, load_tokenizer

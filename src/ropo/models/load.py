@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ropo.models.llama import ModelConfig, Transformer
+from ropo.models.config import ModelConfig
+from ropo.models.llama import Transformer
 
 # Hugging Face name -> our name; {i} is the layer index. Loading is only this renaming, because
 # our RoPE uses the same half-split layout the HF q/k weights were permuted for.
