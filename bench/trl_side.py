@@ -55,13 +55,16 @@ def as_text(pairs: list[TokenizedPair]) -> list[dict[str, str]]:
     ]
 
 
-def build_trainer(model_dir: Path, pairs: list[TokenizedPair], workload: Workload) -> Any:
+def build_trainer(
+    model_dir: Path, pairs: list[TokenizedPair], workload: Workload, device: str = "cpu"
+) -> Any:
     """DPOTrainer: sigmoid loss, beta 0.1, fp32, constant lr, no warm-up, precomputed reference.
 
     `precompute_ref_log_probs=True` makes TRL score every pair with the initial policy once, while
     it builds the trainer, and keep no reference model: the same arrangement as our cache.
-    Gradient checkpointing (on by default in TRL) and bf16 (TRL's default on CPU) are turned off,
-    because our side runs without them.
+    Gradient checkpointing (on by default in TRL) is turned off, and so is bf16 on the CPU (TRL's
+    default there), because our side runs without them. device="cuda" (gpu_trl.py): fp32 weights
+    with bf16 autocast, as our GPU step.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -81,9 +84,9 @@ def build_trainer(model_dir: Path, pairs: list[TokenizedPair], workload: Workloa
         loss_type=["sigmoid"],
         precompute_ref_log_probs=True,
         disable_dropout=True,
-        bf16=False,
+        bf16=device != "cpu",
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         max_length=None,
         report_to="none",
         save_strategy="no",
@@ -99,6 +102,13 @@ def build_trainer(model_dir: Path, pairs: list[TokenizedPair], workload: Workloa
         processing_class=tokenizer,
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    if device != "cpu":
+        # Trainer's loop passes the model through accelerate, which attaches bf16 autocast to
+        # its forward; training_step alone would run in fp32. (On the CPU there is no mixed
+        # precision to attach, and the CPU benchmark keeps its validated path.)
+        trainer.model, trainer.optimizer = trainer.accelerator.prepare(
+            trainer.model, trainer.optimizer
+        )
     trainer.current_gradient_accumulation_steps = 1  # what _inner_training_loop sets per step
     return trainer
 
