@@ -96,7 +96,7 @@ def test_gqa_query_head_reads_kv_head_h_div_n_rep() -> None:
     x = torch.randn(1, 6, config.dim)
     cos, sin = rope_cos_sin(torch.arange(6)[None], config.head_dim, config.rope_theta, x.dtype)
     with torch.no_grad():
-        got = attention(x, cos, sin, None, None)
+        got = attention(x, (cos, sin), None, None)
         expected = naive_attention(attention, x, cos, sin, kv_head=lambda h: h // 4)
         tiled = naive_attention(attention, x, cos, sin, kv_head=lambda h: h % 2)
     assert max_diff(got, expected) <= 1e-5

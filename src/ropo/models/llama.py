@@ -156,20 +156,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * D, C, bias=False)
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        signed_sin: Tensor,
-        mask: Tensor | None,
-        kv_cache: KVCache | None,
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv_cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D)
         k = self.wk(x).view(B, T, K, D)
         v = self.wv(x).view(B, T, K, D)
-        q = apply_rope(q, cos, signed_sin).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k, cos, signed_sin).transpose(1, 2)  # (B, K, T, D)
+        q = apply_rope(q, *rope).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k, *rope).transpose(1, 2)  # (B, K, T, D)
         v = v.transpose(1, 2)  # (B, K, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
@@ -217,14 +212,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        signed_sin: Tensor,
-        mask: Tensor | None,
-        kv_cache: KVCache | None,
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv_cache: KVCache | None
     ) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, signed_sin, mask, kv_cache)
+        """rope: (cos, signed_sin) from rope_cos_sin, shared by every layer."""
+        x = x + self.attention(self.attention_norm(x), rope, mask, kv_cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -263,17 +254,15 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.tok_embeddings(input_ids)  # (B, T, C)
-        cos, signed_sin = rope_cos_sin(
-            positions, self.config.head_dim, self.config.rope_theta, x.dtype
-        )
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = (
             attn_mask if attn_mask is not None else self._mask(input_ids, attention_mask, kv_cache)
         )
         for layer in self.layers:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, signed_sin, mask, None, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
             else:
-                x = layer(x, cos, signed_sin, mask, kv_cache)
+                x = layer(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)

@@ -104,10 +104,7 @@ def run_builtin(settings: TaskSettings, out: Path) -> dict[str, Any]:
         "stage_seconds": stage_seconds(out),
         "wall_seconds": time.perf_counter() - start,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    report.write_report(out)
-    print(tables.results_table(results))
-    print(f"report: {out / 'report.md'}  ({results['wall_seconds']:.0f} s this time)")
+    _write_results(out, "results.json", results, tables.results_table(results))
     return results
 
 
@@ -134,11 +131,16 @@ def run_sweep(
         "runs": rows,
         "wall_seconds": time.perf_counter() - start,
     }
-    (out / "sweep_results.json").write_text(json.dumps(sweep, indent=1))
-    report.write_report(out)
-    print(tables.sweep_table(sweep))
-    print(f"report: {out / 'report.md'}  ({sweep['wall_seconds']:.0f} s this time)")
+    _write_results(out, "sweep_results.json", sweep, tables.sweep_table(sweep))
     return sweep
+
+
+def _write_results(out: Path, filename: str, results: dict[str, Any], table: str) -> None:
+    # The JSON first: the report and the printed table are both built from what is on disk.
+    (out / filename).write_text(json.dumps(results, indent=1))
+    report.write_report(out)
+    print(table)
+    print(f"report: {out / 'report.md'}  ({results['wall_seconds']:.0f} s this time)")
 
 
 def main(argv: list[str] | None = None) -> int:
