@@ -24,7 +24,7 @@ import pytest
 import ropo.run_setup as run_setup
 from conftest import write_synthetic_pairs
 from ropo.cli import main
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.models import Transformer, load_model, load_tokenizer, save_model
 
 GOOD = {"id": "p0", "prompt": "Question: apple Answer:", "chosen": " apple", "rejected": " kilo"}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ropo.config import KEYS, describe_keys, load_config
+from ropo.config import KEYS, describe_keys
+from ropo.config_load import load_config
 
 
 def test_overrides_are_typed_and_reach_their_section() -> None:

@@ -23,7 +23,7 @@ from conftest import write_synthetic_pairs
 from ropo import distributed
 from ropo.checkpoint import latest_checkpoint
 from ropo.cli import main
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.data import TokenizedPair
 from ropo.models import load_model
 from ropo.train import train

@@ -16,7 +16,7 @@ import torch
 
 from conftest import write_synthetic_pairs
 from model_fixtures import tiny_config
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.data import TokenizedPair
 from ropo.logps import collate_pairs, response_logps
 from ropo.models import Transformer, generate

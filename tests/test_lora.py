@@ -15,7 +15,8 @@ import torch
 from model_fixtures import load_hf, max_diff, our_model, random_ids
 from ropo.checkpoint import latest_checkpoint, load_adapters, save_checkpoint
 from ropo.cli import main
-from ropo.config import OptimSettings, load_config
+from ropo.config import OptimSettings
+from ropo.config_load import load_config
 from ropo.models import load_model, save_model
 from ropo.models.lora import LoRALinear, apply_lora, has_lora, merge_lora, merged_weights
 from ropo.step import make_optimizer

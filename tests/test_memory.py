@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ropo import ref_cache, resources
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.models import load_tokenizer
 from ropo.models.config import ModelConfig

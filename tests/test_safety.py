@@ -22,7 +22,8 @@ import pytest
 
 from conftest import write_synthetic_pairs
 from ropo.checkpoint import verify_checkpoint
-from ropo.config import KEYS, load_config
+from ropo.config import KEYS
+from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.models import load_model, load_tokenizer
 from ropo.ref_cache import fingerprint_pairs
@@ -46,7 +47,7 @@ def test_source_has_no_unsafe_loading() -> None:
             found += [f"{path}:{lineno}: {why}" for pattern, why in UNSAFE.items()
                       if re.search(pattern, line.split("#")[0])]  # fmt: skip
     assert not found, "\n".join(found)
-    assert "yaml.safe_load(" in (SRC / "config.py").read_text()
+    assert "yaml.safe_load(" in (SRC / "config_load.py").read_text()
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import ropo.train as train_module
 from ropo.cli import main
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.filter.weights import keep_count
 from ropo.models import load_model, load_tokenizer

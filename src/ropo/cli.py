@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from ropo.config import describe_keys, load_config
+from ropo.config import describe_keys
+from ropo.config_load import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,16 @@
 """Run configuration: the first stage of the data flow.
 
-One frozen dataclass per concern, gathered into `RunConfig`. Values come from an optional YAML file
-(read with `yaml.safe_load`) and then from `key=value` overrides on the command line. Keys are flat
-(`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented below; anything
-else is an error that names the key and where it came from.
+One frozen dataclass per concern, gathered into `RunConfig`. Keys are flat (`noise: 0.4`, not
+`data: {noise: 0.4}`) and every key is declared and documented below; `config_load.py` fills them
+from a YAML file and `key=value` overrides, and reports anything else as an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -205,112 +198,6 @@ def describe_keys() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
     return "\n".join(lines)
-
-
-def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> RunConfig:
-    """RunConfig from flat key -> value pairs; `origins` says where each value came from."""
-    origins = origins or {}
-    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for key, value in values.items():
-        where = origins.get(key, "config")
-        if key not in KEYS:
-            hint = difflib.get_close_matches(key, KEYS, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ValueError(
-                f"{where}: unknown config key '{key}'{suggestion}; `ropo keys` lists them all"
-            )
-        section, f = KEYS[key]
-        per_section[section][key] = _coerce(key, value, f, where)
-    try:
-        return RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
-    except ValueError as err:
-        bad_key = str(err).split("'")[1] if "'" in str(err) else ""
-        where = origins.get(bad_key, "")
-        raise ValueError(f"{where}: {err}" if where else str(err)) from None
-
-
-# Keys a resumed run may change: they do not alter what is computed (skip_nonfinite only
-# decides what a NaN/inf step does, so a run that stopped on one can go on past it).
-RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every", "skip_nonfinite")
-
-
-def load_config(
-    config_file: str | Path | None, overrides: list[str], base: dict[str, Any] | None = None
-) -> RunConfig:
-    """Read `base` (a resumed run's config), the YAML file, then `key=value` overrides; validate."""
-    values: dict[str, Any] = dict(base or {})
-    origins: dict[str, str] = {key: "resumed run.json" for key in values}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not valid UTF-8 (byte {err.start})") from None
-        loaded = _parse_yaml(text, str(path)) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"{path}: expected a mapping of key: value, got {type(loaded).__name__}"
-            )
-        lines = text.splitlines()
-        for key, value in loaded.items():
-            line_no = next((i + 1 for i, line in enumerate(lines) if line.startswith(f"{key}:")), 0)
-            values[str(key)] = value
-            origins[str(key)] = f"{path}:{line_no}" if line_no else str(path)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"command line: expected key=value, got '{item}'")
-        origins[key] = f"command line '{item}'"
-        values[key] = _parse_yaml(raw, origins[key]) if raw != "" else ""
-    if base is not None:
-        changed = [k for k in values if k not in RESUMABLE_KEYS and values[k] != base.get(k)]
-        if changed:
-            raise ValueError(
-                f"resume: {', '.join(changed)} differ from the resumed run's config; "
-                f"a resumed run must compute the same thing (only "
-                f"{', '.join(RESUMABLE_KEYS)} may change)"
-            )
-    return build_config(values, origins)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load (plain data, never objects or code); a syntax error becomes a ValueError."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ValueError(f"{where}: not valid YAML: {problem}{at}") from None
-
-
-def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
-    expected = typing.get_type_hints(_owner_class(key))[key]
-    if isinstance(expected, types.UnionType):
-        expected = next(t for t in typing.get_args(expected) if t is not type(None))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. model: 7 would be odd, but a numeric run name is fine
-    if expected is str and value is None:
-        return ""
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(
-            f"{where}: config key '{key}' expects {expected.__name__}, "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    return value
-
-
-def _owner_class(key: str) -> type:
-    return SECTIONS[KEYS[key][0]]
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ropo.config import load_config
+from ropo.config_load import load_config
 from ropo.data import write_pairs_jsonl
 from ropo.models import Transformer, load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
