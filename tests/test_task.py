@@ -14,6 +14,7 @@ import torch
 import ropo.task.stages as stages
 from ropo.data import load_pairs
 from ropo.logps import PairLogps
+from ropo.task import stage_cache
 from ropo.task.evaluate import noise_identification, preference_accuracy, win_rate
 from ropo.task.pairs import build_pairs
 from ropo.task.pipeline import run_builtin, run_sweep
@@ -122,6 +123,23 @@ def test_a_stage_runs_once_and_again_when_its_inputs_or_outputs_change(tmp_path:
     output.unlink()
     assert not run_stage(tmp_path, "demo", {"a": 2}, [output], work).cached
     assert len(calls) == 3
+
+
+def test_a_stage_computed_by_other_code_is_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output, calls = tmp_path / "out.txt", []
+
+    def work() -> dict:
+        calls.append(1)
+        output.write_text("x")
+        return {}
+
+    run_stage(tmp_path, "demo", {"a": 1}, [output], work)
+    assert run_stage(tmp_path, "demo", {"a": 1}, [output], work).cached
+    monkeypatch.setattr(stage_cache, "source_fingerprint", lambda: "another build")
+    assert not run_stage(tmp_path, "demo", {"a": 1}, [output], work).cached
+    assert len(calls) == 2
 
 
 def test_settings_from_key_value_words() -> None:

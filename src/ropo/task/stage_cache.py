@@ -1,9 +1,11 @@
-"""How the built-in task skips work it has done: each stage records a hash of its inputs in
-<out>/stages/<name>.json and is skipped when a rerun finds the same hash and its outputs in place.
+"""How the built-in task skips work it has done: each stage records a hash of its inputs and of
+ropo's own source in <out>/stages/<name>.json, and is skipped when a rerun finds the same hash
+and its outputs in place.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import ropo
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ def run_stage(
     out: Path, name: str, inputs: dict[str, Any], outputs: list[Path], work: Callable[[], dict]
 ) -> StageResult:
     """Run `work` unless <out>/stages/<name>.json holds the same inputs and `outputs` all exist."""
+    inputs = {**inputs, "ropo_source": source_fingerprint()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     marker = out / "stages" / f"{name}.json"
     if marker.is_file() and all(p.exists() for p in outputs):
@@ -41,6 +46,21 @@ def run_stage(
     record = {"key": key, "inputs": inputs, "seconds": seconds, "result": result}
     marker.write_text(json.dumps(record, indent=1, default=str))
     return StageResult(key, result, seconds, cached=False)
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """Hash of every .py file of the ropo package that is running.
+
+    Part of every stage's key: a stage computed by other code is rerun, never reused. Even a
+    change of floating-point rounding moves a training run (README), so stale results would
+    silently be another build's numbers.
+    """
+    root = Path(ropo.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def stage_seconds(out: Path) -> dict[str, float]:
