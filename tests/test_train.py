@@ -47,6 +47,11 @@ def run_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def run(model_dir: Path, data: Path, out: Path, *extra: str) -> Path:
+    """train() with run_args' settings and `extra` on top; returns the run directory."""
+    return train(load_config(None, run_args(model_dir, data, out, *extra)))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -55,20 +60,11 @@ def test_ropo_run_writes_the_documented_audit(
     tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    train(
-        load_config(
-            None,
-            run_args(
-                tiny_model_dir,
-                tiny_pairs_file,
-                out,
-                "loss=ropo",
-                "rounds=3",
-                "rho=0.25",
-                "noise=0.25",
-                "epochs=2",
-            ),
-        )
+    run(
+        tiny_model_dir,
+        tiny_pairs_file,
+        out,
+        *"loss=ropo rounds=3 rho=0.25 noise=0.25 epochs=2".split(),
     )
     records = read_jsonl(out / "pairs.jsonl")
     flips = json.loads((out / "flips.json").read_text())
@@ -100,21 +96,11 @@ def test_training_lowers_the_loss(
     tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "dpo"
-    train(
-        load_config(
-            None,
-            run_args(
-                tiny_model_dir,
-                tiny_pairs_file,
-                out,
-                "loss=dpo",
-                "rounds=1",
-                "rho=0",
-                "epochs=5",
-                "schedule=constant",
-                "beta=0.5",
-            ),
-        )
+    run(
+        tiny_model_dir,
+        tiny_pairs_file,
+        out,
+        *"loss=dpo rounds=1 rho=0 epochs=5 schedule=constant beta=0.5".split(),
     )
     log = read_jsonl(out / "train_log.jsonl")
     assert abs(log[0]["loss"] - math.log(2)) < 1e-4  # policy == reference at step 0
@@ -131,23 +117,12 @@ def test_dpo_through_the_loop_equals_a_plain_dpo_loop(
 ) -> None:
     """loss=dpo rounds=1 rho=0, full batch, constant lr: the same weights as DPO written out."""
     out = tmp_path / "loop"
-    train(
-        load_config(
-            None,
-            run_args(
-                tiny_model_dir,
-                tiny_pairs_file,
-                out,
-                "loss=dpo",
-                "rounds=1",
-                "rho=0",
-                "epochs=3",
-                "batch_size=48",
-                "schedule=constant",
-                "max_grad_norm=0",
-                "beta=0.5",
-            ),
-        )
+    full_batch = "batch_size=48 schedule=constant max_grad_norm=0 beta=0.5"
+    run(
+        tiny_model_dir,
+        tiny_pairs_file,
+        out,
+        *f"loss=dpo rounds=1 rho=0 epochs=3 {full_batch}".split(),
     )
     tokenizer = load_tokenizer(tiny_model_dir)
     pairs, _ = tokenize_pairs(load_pairs(tiny_pairs_file)[0], tokenizer, 64)
@@ -189,7 +164,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
 ) -> None:
     args = ("loss=ropo", "rounds=2", "rho=0.25", "noise=0.2", "epochs=2", "save_every=3")
     full = tmp_path / "full"
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, full, *args)))
+    run(tiny_model_dir, tiny_pairs_file, full, *args)
 
     broken = tmp_path / "broken"
     real_step, calls = train_module.train_step, {"n": 0}
@@ -202,7 +177,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
 
     monkeypatch.setattr(train_module, "train_step", crash_on_step_10)
     with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, broken, *args)))
+        run(tiny_model_dir, tiny_pairs_file, broken, *args)
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert main(["train", f"resume={broken}"]) == 0
 
@@ -227,15 +202,10 @@ def test_reference_cache_is_reused_and_invalidated(
 
     monkeypatch.setitem(train_module.reference_logps.__globals__, "load_model", counting_load)
     common = ("loss=dpo", "rounds=1", "rho=0", f"cache_dir={cache}")
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "a", *common)))
-    train(load_config(None, run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "b", *common)))
+    run(tiny_model_dir, tiny_pairs_file, tmp_path / "a", *common)
+    run(tiny_model_dir, tiny_pairs_file, tmp_path / "b", *common)
     assert loads["n"] == 1  # the second run read the cache
-    train(
-        load_config(
-            None,
-            run_args(tiny_model_dir, tiny_pairs_file, tmp_path / "c", *common, "max_length=48"),
-        )
-    )
+    run(tiny_model_dir, tiny_pairs_file, tmp_path / "c", *common, "max_length=48")
     assert loads["n"] == 2  # other truncation, other token ids: recomputed, not stale
     assert len(list(cache.glob("*.safetensors"))) == 2
 
@@ -244,21 +214,11 @@ def test_rejection_sampling_adds_pairs_for_dropped_prompts(
     tiny_model_dir: Path, tiny_pairs_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "rs"
-    train(
-        load_config(
-            None,
-            run_args(
-                tiny_model_dir,
-                tiny_pairs_file,
-                out,
-                "loss=ropo",
-                "rounds=2",
-                "rho=0.25",
-                "rejection_sampling=true",
-                "rs_k=3",
-                "rs_max_new_tokens=6",
-            ),
-        )
+    run(
+        tiny_model_dir,
+        tiny_pairs_file,
+        out,
+        *"loss=ropo rounds=2 rho=0.25 rejection_sampling=true rs_k=3 rs_max_new_tokens=6".split(),
     )
     sampled = read_jsonl(out / "sampled_pairs.jsonl")
     dropped = {
