@@ -12,7 +12,9 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,6 +102,20 @@ def fake_ref(pairs: list[TokenizedPair]) -> RefLogps:
     return RefLogps([p.id for p in pairs], logps, "bench")
 
 
+def median_step(step: Callable[[Any], object], batches: list, warmup: int) -> tuple[float, float]:
+    """Run `step` on each batch; median seconds per step after `warmup` steps, peak GiB."""
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i, batch in enumerate(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
 def model_flops_per_step(config: ModelConfig, rows: int, seq: int, response: int) -> float:
     """Training FLOPs the math needs (no recomputation): 6 x params x tokens for the blocks,
     the LM head at response positions only, and causal attention scores."""
@@ -142,25 +158,17 @@ def time_steps(
         pad_id=0, max_grad_norm=1.0, device=torch.device("cuda"), autocast=autocast
     )
     loss_fn = get_loss("ropo", beta=0.1)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + warmup):
-        batch = pairs[i * pairs_per_step : (i + 1) * pairs_per_step]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(model, optimizer, [batch], ref, loss_fn, 1e-6, settings)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    del optimizer
-    seconds = sorted(times)[len(times) // 2]
+    batches = [pairs[i : i + pairs_per_step] for i in range(0, len(pairs), pairs_per_step)]
+    step = lambda batch: train_step(model, optimizer, [batch], ref, loss_fn, 1e-6, settings)  # noqa: E731
+    seconds, peak = median_step(step, batches, warmup)
+    optimizer = None  # AdamW's moments freed before the next batch size (step still refers here)
     rows, seq = 2 * pairs_per_step, prompt + response
     return {
         "pairs_per_step": pairs_per_step,
         "seconds_per_step": seconds,
         "tokens_per_s": rows * seq / seconds,
         "model_tflops": model_flops_per_step(model.config, rows, seq, response) / seconds / 1e12,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": peak,
     }
 
 
@@ -280,41 +288,39 @@ def transformers_baseline(
         model = LlamaForCausalLM(hf_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     pairs = synthetic_pairs(pairs_per_step * (steps + 2), prompt, response, cfg.vocab_size)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 2):
-        batch = pairs[i * pairs_per_step : (i + 1) * pairs_per_step]
-        rows = [list(p.prompt_ids + p.chosen_ids) for p in batch] + [
-            list(p.prompt_ids + p.rejected_ids) for p in batch
+    batches = []
+    for i in range(0, len(pairs), pairs_per_step):  # collated before timing, as on our side
+        rows = [list(p.prompt_ids + p.chosen_ids) for p in pairs[i : i + pairs_per_step]] + [
+            list(p.prompt_ids + p.rejected_ids) for p in pairs[i : i + pairs_per_step]
         ]
         T = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device="cuda")
         mask = torch.zeros_like(ids)
         for r, row in enumerate(rows):
             mask[r, prompt : len(row)] = 1
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        batches.append((ids, mask))
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ids, mask = batch
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(ids).logits
         logps = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
         logps = (logps * mask[:, 1:]).sum(-1)
-        B = len(batch)
+        B = pairs_per_step
         loss = -torch.nn.functional.logsigmoid(0.1 * (logps[:B] - logps[B:] + 0.0)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+
+    seconds, peak = median_step(step, batches, warmup=2)
     result = {
         "pairs_per_step": pairs_per_step,
         "seconds_per_step": seconds,
         "tokens_per_s": 2 * pairs_per_step * (prompt + response) / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": peak,
     }
-    del model, optimizer
+    model = optimizer = None  # freed before empty_cache (step still refers to both names)
     gc.collect()
     torch.cuda.empty_cache()
     return result

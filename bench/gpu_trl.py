@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
 from pathlib import Path
 
 import torch
 from fixtures import BETA, LR, MAX_GRAD_NORM, PAD_ID, Workload
-from gpu_measure import model_config, synthetic_pairs
+from gpu_measure import median_step, model_config, synthetic_pairs
 from trl_side import build_trainer, trl_examples, trl_step
 
 from ropo.config import OptimSettings
@@ -38,26 +37,12 @@ def write_checkpoint(out: Path) -> Path:
     return out
 
 
-def timed(step, batches: list, warmup: int) -> tuple[float, float]:
-    """Median seconds per step after `warmup` steps, and the peak GPU memory in GiB."""
-    times = []
-    for i, batch in enumerate(batches):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(batch)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
-
-
 def trl_side(model_dir: Path, pairs: list[TokenizedPair], workload: Workload, warmup: int) -> dict:
     trainer = build_trainer(model_dir, pairs, workload, device="cuda")
     examples = trl_examples(trainer, pairs)
     n = workload.pairs_per_step
     batches = [examples[i : i + n] for i in range(0, len(examples), n)]
-    torch.cuda.reset_peak_memory_stats()
-    seconds, peak = timed(lambda batch: trl_step(trainer, batch), batches, warmup)
+    seconds, peak = median_step(lambda batch: trl_step(trainer, batch), batches, warmup)
     chosen_ref = torch.tensor([e["ref_chosen_logps"] for e in examples[:n]])
     return {"seconds_per_step": seconds, "peak_memory_gib": peak, "ref_chosen": chosen_ref}
 
@@ -73,9 +58,8 @@ def our_side(model_dir: Path, pairs: list[TokenizedPair], workload: Workload, wa
     settings = StepSettings(PAD_ID, MAX_GRAD_NORM, torch.device("cuda"), torch.bfloat16)
     loss_fn = get_loss("dpo", beta=BETA)
     batches = [pairs[i : i + n] for i in range(0, len(pairs), n)]
-    torch.cuda.reset_peak_memory_stats()
     step = lambda batch: train_step(model, optimizer, [batch], ref, loss_fn, LR, settings)  # noqa: E731
-    seconds, peak = timed(step, batches, warmup)
+    seconds, peak = median_step(step, batches, warmup)
     return {
         "seconds_per_step": seconds,
         "peak_memory_gib": peak,
