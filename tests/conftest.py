@@ -51,6 +51,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model_dir
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file (an audit file, a training log), in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def write_synthetic_pairs(path: Path, n: int, seed: int = 0) -> Path:
     """Pairs whose chosen response repeats the prompt's first word: a learnable preference."""
     rng = random.Random(seed)

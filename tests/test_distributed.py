@@ -9,7 +9,6 @@ either resumes in the other to the same final weights.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import ropo.train as train_module
-from conftest import write_synthetic_pairs
+from conftest import read_jsonl, write_synthetic_pairs
 from ropo import distributed
 from ropo.checkpoint import latest_checkpoint
 from ropo.cli import main
@@ -43,10 +42,6 @@ def torchrun(args: list[str], cwd: Path, fault: str = "") -> subprocess.Complete
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "ropo", "train", *args]  # fmt: skip
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_same_training(run: Path, reference: Path) -> None:

@@ -6,7 +6,6 @@ sampling against the CPU, torchrun's NCCL + FSDP2 path (one process), and a reje
 run in bf16 autocast.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_synthetic_pairs
+from conftest import read_jsonl, write_synthetic_pairs
 from model_fixtures import tiny_config
 from ropo.config_load import load_config
 from ropo.data import TokenizedPair
@@ -104,10 +103,6 @@ def test_greedy_sampling_on_cuda_equals_cpu() -> None:
 # A ROPO run small enough for a test: 21 pairs, two rounds, a quarter dropped each round.
 RUN = ("loss=ropo", "rounds=2", "rho=0.25", "noise=0.25", "batch_size=4", "grad_accum=2",
        "lr=3e-3", "warmup_ratio=0", "max_length=64", "log_every=1", "save_every=0")  # fmt: skip
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_torchrun_with_nccl_trains_like_a_plain_cuda_run(

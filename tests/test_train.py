@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ropo.train as train_module
+from conftest import read_jsonl
 from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
@@ -50,10 +51,6 @@ def run_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def run(model_dir: Path, data: Path, out: Path, *extra: str) -> Path:
     """train() with run_args' settings and `extra` on top; returns the run directory."""
     return train(load_config(None, run_args(model_dir, data, out, *extra)))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_ropo_run_writes_the_documented_audit(
