@@ -109,8 +109,9 @@ def rope_cos_sin(
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
     inv_freq = (1.0 / theta**exponents).to(positions.device)  # (D/2,), made on CPU as in HF
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (B, T, D): half-split layout of HF
-    signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, T, D)
+    half_cos, half_sin = freqs.cos(), freqs.sin()
+    cos = torch.cat((half_cos, half_cos), dim=-1)  # (B, T, D): half-split layout of HF
+    signed_sin = torch.cat((-half_sin, half_sin), dim=-1)  # (B, T, D)
     return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)  # (B, T, 1, D) each
 
 
