@@ -98,13 +98,14 @@ def test_empty_or_unusable_data_file(
 ) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b"\n")
-    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, data, tmp_path / "out"))
+    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, data, tmp_path / "out1"))
     assert code == 2 and "bad.jsonl: no pairs (the file is empty" in err
     long_prompt = "Question: " + "apple " * 80 + "Answer:"
     data.write_text(json.dumps({**GOOD, "prompt": long_prompt}) + "\n")
-    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, data, tmp_path / "out"))
+    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, data, tmp_path / "out2"))
     assert code == 2 and "no usable pairs left (read 1 pairs, used 0, skipped 1 (prompt_too" in err
-    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, tmp_path / "no.jsonl", tmp_path))
+    missing = tmp_path / "no.jsonl"
+    code, _, err = ropo_train(capsys, *run_args(tiny_model_dir, missing, tmp_path / "out3"))
     assert code == 2 and "data file" in err and "no.jsonl does not exist" in err
 
 
@@ -188,7 +189,7 @@ def test_resume_of_a_directory_that_is_no_run(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     code, _, err = ropo_train(capsys, f"resume={tmp_path}")
-    assert code == 2 and "run.json not found; is this a ropo run directory?" in err
+    assert code == 2 and f"{tmp_path}/run.json: not found; resume= takes a ropo run dir" in err
 
 
 # --- model and tokenizer ---------------------------------------------------------------------
@@ -226,11 +227,12 @@ def test_missing_model_files_are_named(
     shards = sorted(model_copy.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1
     shards[1].unlink()
-    code, _, err = ropo_train(capsys, *run_args(model_copy, good_data, tmp_path / "out"))
+    code, _, err = ropo_train(capsys, *run_args(model_copy, good_data, tmp_path / "out1"))
     assert code == 2 and f"lists shard files missing from {model_copy}" in err, err
     assert shards[1].name in err
     (model_copy / "tokenizer.model").unlink()
-    code, _, err = ropo_train(capsys, *run_args(model_copy, good_data, tmp_path / "out"))
+    code, _, err = ropo_train(capsys, *run_args(model_copy, good_data, tmp_path / "out2"))
     assert code == 2 and "tokenizer.model" in err, err
-    code, _, err = ropo_train(capsys, *run_args(tmp_path / "nowhere", good_data, tmp_path))
+    nowhere = tmp_path / "nowhere"
+    code, _, err = ropo_train(capsys, *run_args(nowhere, good_data, tmp_path / "out3"))
     assert code == 2 and "nowhere does not exist" in err, err

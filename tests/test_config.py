@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from ropo.config import KEYS, describe_keys
+import ropo
+from ropo.config import KEYS, SECTIONS, describe_keys
 from ropo.config_load import load_config
 
 
@@ -96,3 +98,71 @@ def test_every_key_is_documented() -> None:
 def test_shipped_configs_load() -> None:
     for config_file in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
         load_config(config_file, [])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_accepts_auto_cpu_and_cuda_indices(device: str) -> None:
+    assert load_config(None, [f"device={device}"]).model.device == device
+
+
+@pytest.mark.parametrize("device", ["tpu", "CPU", "cuda:abc", "meta", "cuda:-1", "cuda:1.5"])
+def test_device_refuses_anything_else(device: str) -> None:
+    with pytest.raises(ValueError, match=f"config key 'device' = '{device}' is not one of"):
+        load_config(None, [f"device={device}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("alpha=1.5", "config key 'alpha': ROPO alpha must be a finite number > 2, got 1.5"),
+        ("alpha=2", "got 2.0"),  # the bound itself is excluded
+        ("label_smoothing=0.6", "config key 'label_smoothing': label_smoothing must be in"),
+        ("label_smoothing=0.5", "got 0.5"),
+        ("beta=-1", "config key 'beta': beta must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_loss_keys_are_checked_with_the_config_whatever_the_loss(
+    override: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, ["loss=dpo", override])  # dpo uses neither alpha nor label_smoothing
+
+
+def test_a_key_set_twice_in_yaml_names_both_lines(tmp_path: Path) -> None:
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("loss: ropo\nrho: 0.1\nseed: 3\nrho: 0.3\n")
+    with pytest.raises(ValueError, match=r"run\.yaml:4: key 'rho' is set twice \(also on line 2\)"):
+        load_config(config_file, [])
+    config_file.write_text("loss: ropo\nrho: 0.1\nseed: 3\n")  # each key once: fine
+    assert load_config(config_file, []).filter.rho == 0.1
+
+
+def test_a_directory_is_no_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"{tmp_path}: is a directory; --config expects a YAML"):
+        load_config(tmp_path, [])
+
+
+SOURCE = Path(ropo.__file__).parent
+# The built-in task reads its own settings (task/settings.py), some with the same names.
+READERS = {
+    path: path.read_text()
+    for path in sorted(SOURCE.rglob("*.py"))
+    if path not in (SOURCE / "config.py", SOURCE / "config_load.py") and "task" not in path.parts
+}
+
+
+def is_read(key: str, section: str) -> bool:
+    """Whether a module outside the config reads `key`: as `cfg.data.noise`, as `cfg.noise` or
+    `data.noise` (a section passed on), or as the string "noise" (LOSS_PARAMS, getattr). For a key
+    named like its section (`model`), `cfg.model` is the section: only `cfg.model.model` counts."""
+    if key in SECTIONS:
+        pattern = rf"\bcfg\.{key}\.{key}\b"
+    else:
+        pattern = rf"\b(?:cfg|{section})(?:\.{section})?\.{key}\b|[\"']{key}[\"']"
+    return any(re.search(pattern, text) for text in READERS.values())
+
+
+def test_every_key_is_read_somewhere() -> None:
+    assert not is_read("eval_every_round", "run")  # listed by `ropo keys` once, never read
+    dead = [key for key, (section, _) in KEYS.items() if not is_read(key, section)]
+    assert dead == [], f"config keys nothing reads (remove them or use them): {dead}"

@@ -6,6 +6,7 @@ truncation, are skipped and counted, never trained on.
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -372,3 +373,68 @@ def test_write_pairs_round_trip(tmp_path: Path) -> None:
 
 def test_report_summary_without_skips() -> None:
     assert DataReport(3, 3).summary() == "read 3 pairs, used 3, skipped 0"
+
+
+def test_lone_surrogate_escape_is_named_but_a_pair_is_text(tmp_path: Path) -> None:
+    emoji = '{"prompt": "smile \\ud83d\\ude00", "chosen": "a", "rejected": "b"}'  # a valid pair
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "ok.jsonl", [emoji]))
+    assert pairs[0].prompt == "smile \U0001f600"
+    for lone in ("\\ud800", "\\uDC00", "\\ud83d x"):  # high or low half alone, any case
+        line = '{"prompt": "q", "chosen": "a ' + lone + '", "rejected": "b"}'
+        path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, line])
+        with pytest.raises(ValueError, match=f"{path}:2: a string holds a lone surrogate escape"):
+            load_pairs(path)
+
+
+def test_null_post_is_skipped_and_counted_unless_strict(tmp_path: Path) -> None:
+    null_post = {**TLDR, "info": {**TLDR["info"], "post": None}}
+    path = write_jsonl(tmp_path / "t.jsonl", [TLDR, null_post, {**TLDR, "choice": 1}])
+    pairs, report = load_pairs(path, format="tldr")
+    assert (len(pairs), report.read, report.skipped) == (2, 3, {"null_post": 1})
+    assert report.summary() == "read 3 pairs, used 2, skipped 1 (null_post: 1)"
+    with pytest.raises(ValueError, match=f"{path}:2: field 'info.post' is null.*strict_data=true"):
+        load_pairs(path, format="tldr", strict=True)
+    missing_post = {**TLDR, "info": {"title": "t", "subreddit": "s"}}  # not null: still an error
+    with pytest.raises(ValueError, match="missing field 'info.post'"):
+        load_pairs(write_jsonl(tmp_path / "m.jsonl", [missing_post]), format="tldr")
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def saved_dataset(folder: Path, *names: str) -> Path:
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(b"{}")
+    return folder
+
+
+NOT_JSONL = [  # (make the path under tmp_path, message fragment after "<path>: ")
+    (lambda tmp: saved_dataset(tmp / "d", "dataset_info.json", "state.json", "data.arrow"),
+     "is a Hugging Face `datasets` folder (save_to_disk), but data must be a JSONL file; export "
+     "it with datasets.load_from_disk('{path}').to_json('pairs.jsonl')"),
+    (lambda tmp: saved_dataset(tmp / "d", "dataset_dict.json"),
+     "export it with datasets.load_from_disk('{path}')['train'].to_json('pairs.jsonl')"),
+    (lambda tmp: saved_dataset(tmp / "d", "only.arrow"), "is a Hugging Face `datasets` folder"),
+    (lambda tmp: saved_dataset(tmp / "d", "notes.txt"),
+     "is a directory; data must be a JSONL file"),
+    (lambda tmp: write_jsonl(tmp / "t.parquet", [b"PAR1\0\0PAR1"]),
+     "is a parquet file, but data must be JSONL; export it with datasets.load_dataset('parquet', "
+     "data_files='{path}')['train'].to_json('pairs.jsonl')"),
+    (lambda tmp: write_jsonl(tmp / "t.jsonl", [b"ARROW1\0\0"]),
+     "is an Arrow file, but data must be JSONL; export it with "
+     "datasets.Dataset.from_file('{path}').to_json('pairs.jsonl')"),
+    (lambda tmp: write_jsonl(tmp / "t.arrow", [b"\xff\xff\xff\xff"]), "is an Arrow file"),
+    (lambda tmp: fifo(tmp / "pairs.jsonl"), "is not a regular file"),  # reading it would hang
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "message"), NOT_JSONL)
+def test_what_is_no_jsonl_file_is_named_with_a_way_out(tmp_path: Path, make, message) -> None:
+    path = make(tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_pairs(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message.format(path=path) in str(err.value)

@@ -14,16 +14,18 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import ropo.step as step_module
-from conftest import write_synthetic_pairs
+from conftest import WORDS, write_synthetic_pairs
 from ropo import faults
 from ropo.audit import truncate_jsonl
 from ropo.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
@@ -31,7 +33,8 @@ from ropo.cli import main
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.logps import PairLogps
 from ropo.loss import get_loss
-from ropo.models import load_model, load_tokenizer
+from ropo.models import load_model, load_tokenizer, save_model
+from ropo.models.tokenizer import train_tokenizer
 from ropo.ref_cache import RefLogps
 from ropo.step import StepSettings, train_step
 
@@ -44,10 +47,13 @@ AUDIT_FILES = ("pairs.jsonl", "metrics.jsonl", "cleaned.jsonl", "train_log.jsonl
                "sampled_pairs.jsonl", "flips.json")  # fmt: skip
 
 
-def ropo_train(args: list[str], cwd: Path, fault: str = "") -> subprocess.CompletedProcess:
-    """`python -m ropo train ARGS` in a fresh process; ROPO_FAULT=`fault` when given."""
+def ropo_train(
+    args: list[str], cwd: Path, fault: str = "", wrapper: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m ropo train ARGS` in a fresh process (after `wrapper`, a command that runs its
+    arguments); ROPO_FAULT=`fault` when given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
-    command = [sys.executable, "-m", "ropo", "train", *args]
+    command = [*(wrapper or []), sys.executable, "-m", "ropo", "train", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -254,3 +260,179 @@ def test_nonfinite_loss_stops_at_the_last_good_checkpoint_or_is_skipped(
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "non-finite loss" in log[2]["skipped"]
     final = load_model(out / "final").state_dict()
     assert all(torch.isfinite(value).all() for value in final.values())
+
+
+# --- signals: one line, exit 128 + N, and a resume that ends where an uninterrupted run does ---
+
+
+def test_ctrl_c_stops_with_one_line_and_resumes(
+    run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    stopped = ropo_train([*run_inputs, f"out={out}"], cwd=tmp_path, fault="step:3:SIGINT")
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"ropo: interrupted by SIGINT in round 1/2, epoch 1, after global step 2; last "
+        f"checkpoint {out / 'checkpoints' / 'step-0000002'}; continue with "
+        f"`ropo train resume={out}`"
+    )
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_checkpoints_at_the_next_step_boundary(
+    run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    stopped = ropo_train([*run_inputs, f"out={out}"], cwd=tmp_path, fault="step:3:SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    # Step 3 was finished and saved, although save_every=2 would not have saved it.
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-0000003"
+    assert "interrupted by SIGTERM in round 1/2, epoch 1, after global step 3" in stopped.stderr
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: {out / 'checkpoints' / 'step-0000003'}" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_skips_a_checkpoint_that_would_outlast_the_grace_period(
+    run_inputs: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = [*run_inputs, f"out={out}", "term_grace=0"]
+    stopped = ropo_train(args, cwd=tmp_path, fault="step:3:SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr
+    assert "SIGTERM: no checkpoint" in stopped.stdout
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-0000002"
+
+
+def test_signal_between_steps_names_the_end_of_the_round(
+    run_inputs: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    stopped = ropo_train(
+        [*run_inputs, f"out={out}"], cwd=tmp_path, fault="rejection_sampling:1:SIGTERM"
+    )
+    assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "at the end of round 1/2 (scoring or sampling), after global step 4" in stopped.stderr
+
+
+# --- the run directory: one run, its own checkpoints, its own inputs --------------------------
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (the lock file aside) with its bytes: equal means nothing changed."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "ropo.lock"
+    }
+
+
+def test_a_second_run_into_a_live_run_directory_is_refused(
+    run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGSTOP"}
+    command = [sys.executable, "-m", "ropo", "train", *run_inputs, f"out={out}"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(first.pid):  # frozen mid-step, holding the lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        before = tree_digest(out)
+        for args in ([*run_inputs, f"out={out}"], [f"resume={out}"]):
+            second = ropo_train(args, cwd=tmp_path)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+            assert (
+                f"another ropo run (pid {first.pid}) is using this run directory" in second.stderr
+            )
+        assert tree_digest(out) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert_same_run(out, uninterrupted)  # no duplicated rounds, no jumbled log
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T"
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(
+    run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    # The issue's case: a copy of finished run A, reused for run B, which died before its first
+    # checkpoint; with A's checkpoints still in the directory, resume must not pick them up.
+    out = tmp_path / "run"
+    killed = ropo_train([*run_inputs, f"out={out}", "lr=1e-3"], cwd=tmp_path, fault="step:1")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "checkpoints").exists()
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    before = tree_digest(out)
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    ours = json.loads((out / "run.json").read_text())["run_id"]
+    theirs = json.loads((uninterrupted / "run.json").read_text())["run_id"]
+    assert ours != theirs
+    assert f"was written by run {theirs}, but {out / 'run.json'} is run {ours}" in resumed.stderr
+    assert tree_digest(out) == before
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(
+    run_inputs: list[str], uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    killed = ropo_train([*run_inputs, f"out={out}"], cwd=tmp_path, fault="round_end:1")
+    assert killed.returncode == -signal.SIGKILL
+    newest = out / "checkpoints" / "step-0000004"
+    assert latest_checkpoint(out) == newest
+    (newest / "optimizer.safetensors").write_bytes(b"garbage")
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {newest}: optimizer.safetensors is missing or does not match" in (
+        resumed.stdout
+    )
+    assert f"using {out / 'checkpoints' / 'step-0000002'}, the newest one that verifies" in (
+        resumed.stdout
+    )
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.parametrize("changed", ["data", "model", "tokenizer"])
+def test_resume_refuses_inputs_changed_since_the_run_started(
+    changed: str, tiny_model_dir: Path, run_inputs: list[str], tmp_path: Path
+) -> None:
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    data = write_synthetic_pairs(tmp_path / "pairs.jsonl", 16)
+    out = tmp_path / "run"
+    args = [f"model={model}", f"data={data}", *run_inputs[2:], f"out={out}"]
+    killed = ropo_train(args, cwd=tmp_path, fault="step:3")
+    assert killed.returncode == -signal.SIGKILL
+    swapped = {"data": data, "model": model / "model.safetensors",
+               "tokenizer": model / "tokenizer.model"}[changed]  # fmt: skip
+    original = swapped.read_bytes()
+    if changed == "data":
+        write_synthetic_pairs(data, 16, seed=1)  # same ids, other pairs
+    elif changed == "model":
+        weights = load_model(model)
+        with torch.no_grad():
+            next(weights.parameters()).mul_(1.01)
+        save_model(weights, model)
+    else:  # another tokenizer of the same size, trained on other text
+        sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 8
+        other = train_tokenizer(sentences + ["Question: Answer:"], tmp_path / "tok", vocab_size=300)
+        shutil.copy(tmp_path / "tok" / "tokenizer.model", swapped)
+        assert other.vocab_size <= 300  # still fits the model: only the fingerprint tells
+    before = tree_digest(out)
+    resumed = ropo_train([f"resume={out}"], cwd=tmp_path)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert f"resume refused: the {changed} (" in resumed.stderr
+    assert "changed since the run started" in resumed.stderr
+    assert tree_digest(out) == before
+    swapped.write_bytes(original)  # the original back: the run goes on
+    assert ropo_train([f"resume={out}"], cwd=tmp_path).returncode == 0

@@ -4,13 +4,16 @@ transformers writes or reads the other side of every round trip, so the HF layou
 """
 
 import json
+import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from model_fixtures import hf_logits, hf_model, load_hf, max_diff, our_model, random_ids, save_hf
-from ropo.models.config import ModelConfig
+from ropo.models.config import ModelConfig, read_model_config
+from ropo.models.files import check_safetensors
 from ropo.models.load import load_model, save_model
 
 TOL = 1e-4
@@ -175,3 +178,96 @@ def test_config_reads_legacy_fields_and_head_dim() -> None:
     config = ModelConfig.from_hf(legacy)
     assert (config.rope_theta, config.eos_token_id, config.head_dim) == (1e6, 2, 16)
     assert ModelConfig.from_hf(TINY_HF | {"head_dim": 32}).head_dim == 32
+
+
+def write_safetensors(path, header: dict, data: bytes) -> None:
+    """A safetensors file by hand: 8-byte little-endian header length, JSON header, data."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+DAMAGE = {  # model.safetensors bytes -> damaged bytes, and what the message says
+    "truncated": (lambda raw: raw[:-100], "but its header describes"),
+    "trailing_bytes": (lambda raw: raw + b"\0" * 8, "but its header describes"),
+    "empty": (lambda raw: b"", "0 bytes, too short for the 8-byte header length"),
+    "header_cut_short": (lambda raw: raw[:40], "the header length says"),
+    "garbage": (lambda raw: b"\x07" * len(raw), "the header length says"),
+    "header_not_json": (lambda raw: raw[:8] + b"{" * (len(raw) - 8), "header is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_safetensors_is_named(tmp_path, damage: str) -> None:
+    save_hf(hf_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    edit, message = DAMAGE[damage]
+    weights.write_bytes(edit(weights.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{weights}: damaged safetensors file.*{message}"):
+        load_model(tmp_path)
+
+
+def test_header_that_safetensors_refuses_is_named(tmp_path) -> None:
+    save_hf(hf_model(), tmp_path)
+    # The size matches the header, but 3 float32 values need 12 bytes, not 8.
+    header = {"model.norm.weight": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
+    write_safetensors(tmp_path / "model.safetensors", header, bytes(8))
+    with pytest.raises(ValueError, match="model.safetensors: damaged safetensors file"):
+        load_model(tmp_path)
+    header["model.norm.weight"]["data_offsets"] = [8, "x"]
+    write_safetensors(tmp_path / "model.safetensors", header, bytes(8))
+    with pytest.raises(ValueError, match="tensor 'model.norm.weight' has no valid data_offsets"):
+        check_safetensors(tmp_path / "model.safetensors")
+
+
+def test_special_files_are_refused_unread(tmp_path) -> None:
+    save_hf(hf_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=f"{weights}: is a character device, not a regular"):
+        load_model(tmp_path)
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(ValueError, match=rf"{weights}: is a FIFO \(named pipe\)"):
+        load_model(tmp_path)
+
+
+CONFIG_KINDS = [  # (config.json edit, message)
+    ({"hidden_size": "64"}, "field 'hidden_size' = '64' must be a positive integer"),
+    ({"num_hidden_layers": 0}, "field 'num_hidden_layers' = 0 must be a positive integer"),
+    ({"vocab_size": True}, "field 'vocab_size' = True must be a positive integer"),
+    ({"rms_norm_eps": "1e-5"}, "field 'rms_norm_eps' = '1e-5' must be a number"),
+    ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' = 'false' must be true or"),
+    ({"eos_token_id": []}, "field 'eos_token_id' = [] must be an integer or a non-empty list"),
+    ({"architectures": [{}]}, "field 'architectures' = [{}] must be a list of strings"),
+    ({"rope_parameters": {"rope_theta": "big"}}, "field 'rope_parameters.rope_theta' = 'big'"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), CONFIG_KINDS)
+def test_config_field_of_the_wrong_type_is_named(edit: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"my/config.json: {message}")):
+        ModelConfig.from_hf(TINY_HF | edit, source="my/config.json")
+
+
+def test_config_json_must_be_an_object_of_valid_json(tmp_path) -> None:
+    save_hf(hf_model(), tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps([TINY_HF]))
+    with pytest.raises(ValueError, match=f"{config_file}: expected a JSON object .* got list"):
+        read_model_config(tmp_path)
+    config_file.write_text('{\n  "vocab_size": 160\n  "hidden_size": 64\n}\n')
+    with pytest.raises(ValueError, match=f"{config_file}:3: not valid JSON: Expecting ','"):
+        load_model(tmp_path)
+
+
+def test_index_needs_a_weight_map(tmp_path) -> None:
+    save_hf(hf_model(), tmp_path, max_shard_size="40KB")
+    index = tmp_path / "model.safetensors.index.json"
+    for content in ('{"metadata": {}}', '{"weight_map": ["a"]}', "[]"):
+        index.write_text(content)
+        with pytest.raises(ValueError, match=f"{index}: field 'weight_map' is missing or not"):
+            load_model(tmp_path)
+    index.write_text('{"weight_map": {\n}}}')
+    with pytest.raises(ValueError, match=f"{index}:2: not valid JSON"):
+        load_model(tmp_path)

@@ -23,7 +23,7 @@ from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.models import load_tokenizer
 from ropo.models.config import ModelConfig
-from ropo.resources import check_memory, lora_params, training_bytes
+from ropo.resources import check_fits, check_memory, lora_params, training_bytes
 
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
@@ -128,3 +128,19 @@ def test_the_reference_model_is_freed_after_scoring(
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
     assert ref.logps.chosen.shape == (48,) and not ref.logps.chosen.requires_grad
+
+
+def test_max_length_and_lora_rank_must_fit_the_model(tmp_path: Path) -> None:
+    # Llama-2-7B: 4096 positions, and every projection is at least C = 4096 wide on each side;
+    # with grouped-query attention wk and wv are narrower.
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B | {"max_position_embeddings": 4096}))
+    check_fits(tmp_path, load_config(None, ["max_length=4096", "lora_rank=4096"]))
+    with pytest.raises(ValueError, match=r"'max_length' = 4097 .* max_position_embeddings = 4096"):
+        check_fits(tmp_path, load_config(None, ["max_length=4097"]))
+    with pytest.raises(ValueError, match=r"'lora_rank' = 4097 .* hidden_size = 4096 \("):
+        check_fits(tmp_path, load_config(None, ["lora_rank=4097"]))
+    gqa = LLAMA2_7B | {"num_key_value_heads": 8}  # wk, wv: 4096 -> 8 * 128 = 1024
+    (tmp_path / "config.json").write_text(json.dumps(gqa))
+    with pytest.raises(ValueError, match=r"num_key_value_heads \* head_dim = 1024"):
+        check_fits(tmp_path, load_config(None, ["lora_rank=1025"]))
+    check_fits(tmp_path, load_config(None, ["lora_rank=1025", "lora_targets=wq,wo,w1,w2,w3"]))

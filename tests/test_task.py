@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -263,3 +267,24 @@ def test_sweep_reuses_the_first_stages(
     assert (out / "noise_sweep.png").is_file()
     assert "## Noise sweep" in (out / "report.md").read_text()
     assert math.isfinite(sweep["runs"][0]["scores"]["gold_reward"])
+
+
+def test_interrupted_builtin_keeps_finished_stages_and_says_how_to_go_on(
+    toy_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(toy_run[0], tmp_path / "builtin"))
+    settings = asdict(replace(TOY, lr=2e-3, methods=("dpo",)))  # a new lr: stage 5 runs again
+    words = [f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in settings.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGINT"}
+    command = [sys.executable, "-m", "ropo", "builtin", f"out={out}", *words]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "ropo builtin: interrupted by SIGINT in stage [train/dpo], in round 1/1, epoch 1, after "
+        f"global step 1; the finished stages are kept in {out} and skipped next time: run the "
+        "same command again to continue"
+    )
+    for stage in ("task", "sft", "pairs"):
+        assert f"[{stage}] up to date, skipped" in result.stdout
+        assert (out / "stages" / f"{stage}.json").is_file()

@@ -232,7 +232,8 @@ def test_cli_reports_bad_data_with_file_and_line(
 ) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
-    assert main(["train", f"model={tiny_model_dir}", f"data={data}", f"out={tmp_path}/o"]) == 2
+    args = [f"model={tiny_model_dir}", f"data={data}", f"out={tmp_path}/o", "max_length=64"]
+    assert main(["train", *args]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 

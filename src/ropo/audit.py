@@ -26,25 +26,36 @@ from ropo.data import PreferencePair, write_pairs_jsonl
 from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
 from ropo.filter.weights import DropDecision
 from ropo.logps import PairLogps
+from ropo.run_dir import RunIdentity
 
 
 def write_run_info(
-    out: Path, resolved_config: dict[str, Any], data_fingerprint: str, data_report: str
+    out: Path,
+    identity: RunIdentity,
+    resolved_config: dict[str, Any],
+    data_fingerprint: str,
+    data_report: str,
 ) -> None:
-    """Write `<out>/run.json`: config, versions, git revision, data fingerprint and counts."""
+    """Write `<out>/run.json`: run id, input fingerprints (run_dir.py), config, versions, git
+    revision, token fingerprint and counts of the data. A resume keeps the command that started
+    the run and adds its own to `resumes`."""
     versions = {}
     for package in ("ropo", "torch", "sentencepiece", "safetensors", "numpy", "pyyaml", "tqdm"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    started = identity.resumed_info or {}
     info = {
+        "run_id": identity.run_id,
+        "inputs": identity.inputs,
         "config": resolved_config,
         "versions": {"python": sys.version.split()[0], "platform": platform.platform(), **versions},
         "git_revision": _git_revision(),
         "data_fingerprint": data_fingerprint,
         "data_report": data_report,
-        "command": sys.argv,
+        "command": started.get("command", sys.argv),
+        "resumes": started.get("resumes", []) + ([sys.argv] if started else []),
     }
     tmp = out / ".run.json.tmp"  # a resume reads run.json: a crash must not leave half of it
     tmp.write_text(json.dumps(info, indent=1))

@@ -4,7 +4,9 @@ A checkpoint directory holds the policy (`save_model`: config.json + safetensors
 (`optimizer.safetensors`), the loop counters and run state (`state.json`), and a `manifest.json`
 with the sha256 of every file. It is written under a temporary name, fsynced and renamed; the
 `LATEST` pointer is replaced last. A directory without a manifest, or whose files do not match
-it, is never loaded as if complete.
+it, is never loaded as if complete: a resume falls back to the newest checkpoint that verifies.
+The manifest also names the run that wrote it (run id and resolved config, from `state`), so a
+resume can refuse a checkpoint of another run found in its directory.
 
 With LoRA the policy part is only `lora.safetensors` (the adapters, our names): the frozen base
 stays in the model directory, and state.json records its sha256 so a resume can check it. Under
@@ -93,7 +95,11 @@ def _write_checkpoint(
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
     maybe_crash("checkpoint")
     files = sorted(p.name for p in tmp.iterdir())
-    manifest = {name: file_sha256(tmp / name) for name in files}
+    manifest = {
+        "run_id": state.get("run_id"),
+        "config": state.get("config"),
+        "files": {name: file_sha256(tmp / name) for name in files},
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_dir_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -102,30 +108,70 @@ def _write_checkpoint(
     _prune(root, keep=keep_last, current=name)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint LATEST points at, verified against its manifest; None when there is none."""
-    pointer = run_dir / "checkpoints" / "LATEST"
-    if not pointer.is_file():
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files are incomplete or do not match its manifest."""
+
+
+def latest_checkpoint(run_dir: Path, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint of `run_dir` that verifies; None when there is none at all.
+
+    LATEST is tried first, then the other checkpoints, newest first: a damaged one is passed
+    over (and said so on the console), since older good checkpoints are kept for that. With
+    `run_id`, a checkpoint written by another run raises ValueError naming both runs.
+    """
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    verify_checkpoint(path)
-    return path
+    pointer = root / "LATEST"
+    newest = [root / pointer.read_text().strip()] if pointer.is_file() else []
+    others = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    damaged = []
+    for path in dict.fromkeys(newest + others):  # in order, each once
+        try:
+            verify_checkpoint(path, run_id)
+        except DamagedCheckpoint as err:
+            damaged.append(str(err))
+            continue
+        if damaged and is_main():
+            print(f"resume: {'; '.join(damaged)}; using {path}, the newest one that verifies")
+        return path
+    if damaged:
+        raise DamagedCheckpoint(f"no checkpoint in {root} verifies: {'; '.join(damaged)}")
+    return None
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise ValueError unless every file listed in the manifest exists with its checksum."""
+def verify_checkpoint(path: Path, run_id: str | None = None) -> None:
+    """Raise DamagedCheckpoint unless every file listed in the manifest exists with its checksum;
+    with `run_id`, ValueError when another run (or a ropo without run ids) wrote it."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise ValueError(f"checkpoint {path} has no {MANIFEST}: it was not written completely")
+        raise DamagedCheckpoint(
+            f"checkpoint {path} has no {MANIFEST}: it was not written completely"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:  # also UnicodeDecodeError
-        raise ValueError(
+        manifest = None
+    files = manifest.get("files", manifest) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):  # a manifest before run ids is the flat files dict
+        raise DamagedCheckpoint(
             f"checkpoint {path}: {MANIFEST} is unreadable; the checkpoint is damaged"
-        ) from None
-    for name, digest in manifest.items():
+        )
+    if run_id is not None and manifest.get("run_id") != run_id:
+        writer = manifest.get("run_id") or "unknown (a ropo without run ids)"
+        raise ValueError(
+            f"checkpoint {path} was written by run {writer}, but "
+            f"{path.parent.parent / 'run.json'} is run {run_id}: this directory mixes two runs "
+            f"(a copied or reused run directory?). Resume refused; start a new run in an empty "
+            f"directory, or with overwrite=true"
+        )
+    for name, digest in files.items():
         if not (path / name).is_file() or file_sha256(path / name) != digest:
-            raise ValueError(
+            raise DamagedCheckpoint(
                 f"checkpoint {path}: {name} is missing or does not match its "
                 f"checksum; the checkpoint is damaged"
             )
@@ -140,9 +186,12 @@ def load_checkpoint(
     """Model (`load_policy(path)`: from the HF files, or base + `load_adapters`), optimizer
     (built by `optimizer_for(model)`, then restored) and state of `path`."""
     verify_checkpoint(path)
+    state = json.loads((path / "state.json").read_text())
+    for field in ("loop", "param_groups"):
+        if field not in state:
+            raise ValueError(f"{path / 'state.json'}: field '{field}' is missing")
     model = load_policy(path)
     optimizer = optimizer_for(model)
-    state = json.loads((path / "state.json").read_text())
     groups, saved = state.pop("param_groups"), {}
     if is_main():  # under FSDP rank 0 reads the whole state on the CPU and sends out the shards
         where = str(device) if world_size() == 1 else "cpu"

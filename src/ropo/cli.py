@@ -9,11 +9,14 @@ out=runs/x sweep=true).
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 from pathlib import Path
 
-from ropo.config import describe_keys
+from safetensors import SafetensorError
+
+from ropo import interrupt, run_dir
+from ropo.config import RunConfig, describe_keys
 from ropo.config_load import load_config
 
 
@@ -39,28 +42,59 @@ def main(argv: list[str] | None = None) -> int:
         return _run_builtin(args.settings)
     if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
         return _run_builtin([])
-    try:
-        cfg = load_config(args.config, args.overrides, base=_resumed_config(args.overrides))
-        from ropo.train import train  # heavy imports only once the config is valid
+    return _run_train(args.config, args.overrides)
 
-        train(cfg)
+
+def _run_train(config_file: str | None, overrides: list[str]) -> int:
+    """`ropo train`: exit 0 when done, 2 with one line on a user's error, 128 + N on signal N."""
+    cfg = None
+    try:
+        with interrupt.handled():
+            cfg = load_config(config_file, overrides, base=_resumed_config(overrides))
+            from ropo.train import train  # heavy imports only once the config is valid
+
+            train(cfg)
+    except interrupt.Interrupted as stop:
+        out = Path(cfg.run.resume or cfg.run.out) if cfg else None
+        hint = run_dir.resume_hint(out) if out else "nothing was written yet"
+        where = stop.where or "before training started"
+        print(f"ropo: interrupted by {stop} {where}; {hint}", file=sys.stderr)
+        return stop.exit_code
     except (ValueError, FileNotFoundError, MemoryError, FloatingPointError) as err:
         print(f"ropo: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as err:  # the file system said no: read-only, full, ...
+        print(f"ropo: error: {_describe_os_error(err, cfg)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _describe_os_error(err: OSError | SafetensorError, cfg: RunConfig | None) -> str:
+    """One line for a failed read or write; a full disk also says how the run goes on."""
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        what, full = f"{where}{err.strerror or err}", err.errno == errno.ENOSPC
+    else:  # safetensors reports the OS error inside its message: "... (os error 28)"
+        what, full = f"writing a safetensors file: {err}", f"(os error {errno.ENOSPC})" in str(err)
+    if full and cfg is not None:
+        out = cfg.run.resume or cfg.run.out
+        return f"{what}: free some space, then `ropo train resume={out}` continues"
+    return what
 
 
 def _resumed_config(overrides: list[str]) -> dict | None:
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), "")
     if not resume:
         return None
-    info = Path(resume) / "run.json"
-    if not info.is_file():
-        raise FileNotFoundError(f"resume={resume}: {info} not found; is this a ropo run directory?")
-    return json.loads(info.read_text())["config"]
+    return run_dir.read_run_info(Path(resume))["config"]
 
 
 def _run_builtin(settings: list[str]) -> int:
-    from ropo.task.pipeline import main as builtin_main  # matplotlib etc. only when needed
+    try:
+        with interrupt.handled():  # the pipeline reports an interrupted stage itself
+            from ropo.task.pipeline import main as builtin_main  # matplotlib etc. only when needed
 
-    return builtin_main(settings)
+            return builtin_main(settings)
+    except interrupt.Interrupted as stop:  # still loading: nothing was written yet
+        print(f"ropo builtin: interrupted by {stop} while starting", file=sys.stderr)
+        return stop.exit_code

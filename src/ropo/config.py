@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class ModelSettings:
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         check_choice("autocast", self.autocast, ("none", "bfloat16"))
+        check_device(self.device)
         check_range("lora_rank", self.lora_rank, 0, None)
         check_range("lora_alpha", self.lora_alpha, 0.0, None, low_open=True)
         targets = self.lora_targets.split(",")
@@ -69,6 +71,11 @@ class DataSettings:
     max_length: int = _key(512, "prompt + response tokens; responses are cut at the end to fit")
     noise: float = _key(0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5")
     max_pairs: int = _key(0, "use only the first N pairs of the file (0 = all)")
+    strict_data: bool = _key(
+        False,
+        "stop at a record that can be skipped otherwise (format=tldr: info.post null) instead of "
+        "skipping it and counting it in the data report",
+    )
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr"))
@@ -87,7 +94,11 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
-        check_range("beta", self.beta, 0.0, None, low_open=True)
+        # Every key is checked, also those the chosen loss does not use: a typo'd value in a
+        # config file should not wait for the day the loss is switched.
+        check_beta(self.beta)
+        check_alpha(self.alpha)
+        check_label_smoothing(self.label_smoothing)
 
 
 @dataclass(frozen=True)
@@ -136,8 +147,17 @@ class RunSettings:
     out: str = _key("runs/default", "run directory: checkpoints, audit files, report")
     seed: int = _key(0, "seeds noise injection, data order and sampling")
     resume: str = _key("", "run directory to continue from its last checkpoint ('' = fresh)")
+    overwrite: bool = _key(
+        False,
+        "let a fresh run start in a non-empty out= directory: its old contents are deleted once "
+        "the new run's config, model and tokenizer check out (without it, such a run is refused)",
+    )
+    term_grace: float = _key(
+        30.0,
+        "seconds a scheduler waits between SIGTERM and SIGKILL (Slurm's KillWait defaults to 30): "
+        "on SIGTERM the run checkpoints at the next step boundary if that fits, then stops",
+    )
     cache_dir: str = _key("", "reference log-prob cache ('' = <out>/cache)")
-    eval_every_round: bool = _key(True, "score every pair and write the audit after each round")
     log_every: int = _key(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
     save_every: int = _key(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
     skip_nonfinite: bool = _key(
@@ -149,6 +169,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         check_range("log_every", self.log_every, 1, None)
         check_range("save_every", self.save_every, 0, None)
+        check_range("term_grace", self.term_grace, 0.0, None)
 
 
 SECTIONS = {
@@ -204,6 +225,44 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """ValueError naming `name` and `value` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
+
+
+def check_device(value: str) -> None:
+    """ValueError naming the key unless `value` is auto, cpu, cuda or cuda:N (N = 0, 1, ...)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError(
+            f"config key 'device' = {value!r} is not one of auto, cpu, cuda, cuda:N "
+            "(N = 0, 1, ... the GPU index)"
+        )
+
+
+# The loss parameters' checks live here, the first stage, so that a run refuses a bad value before
+# it touches the model; loss/preference.py calls the same functions when a loss is built.
+def check_beta(beta: float) -> None:
+    """ValueError unless the DPO beta is a finite number > 0."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"config key 'beta': beta must be a finite number > 0, got {beta!r}")
+
+
+def check_alpha(alpha: float) -> None:
+    """ValueError unless ROPO's alpha is a finite number > 2, and why."""
+    if not (math.isfinite(alpha) and alpha > 2):
+        raise ValueError(
+            f"config key 'alpha': ROPO alpha must be a finite number > 2, got {alpha!r}: only "
+            "for alpha > 2 does a pair the model confidently contradicts (t → −∞, gradient "
+            "weight 4α/(1+α)²) get less gradient than an ambiguous one (t = 0, weight "
+            "4α/(1+α)² · (2+α)/4)"
+        )
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """ValueError unless the flip rate epsilon of cDPO/rDPO is in [0, 0.5)."""
+    # ε ≥ 0.5 would mean the labels are more often wrong than right; rDPO divides by 1 − 2ε.
+    if not (math.isfinite(label_smoothing) and 0 <= label_smoothing < 0.5):
+        raise ValueError(
+            f"config key 'label_smoothing': label_smoothing must be in [0, 0.5), got "
+            f"{label_smoothing!r} (it is the assumed flip rate; at 0.5 labels carry no signal)"
+        )
 
 
 def check_range(

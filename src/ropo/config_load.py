@@ -1,8 +1,8 @@
 """Loading a RunConfig: the step that fills the dataclasses of `config.py`.
 
-Values come from an optional YAML file (read with `yaml.safe_load`) and then from `key=value`
-overrides on the command line; an unknown key, a wrong type or a bad value is an error that names
-the key and where it came from (file:line, or the command-line item).
+Values come from an optional YAML file (read with `yaml.safe_load`; a key given twice is refused)
+and then from `key=value` overrides on the command line; an unknown key, a wrong type or a bad
+value is an error that names the key and where it came from (file:line, or the command line).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
 
 # Keys a resumed run may change: they do not alter what is computed (skip_nonfinite only
 # decides what a NaN/inf step does, so a run that stopped on one can go on past it).
-RESUMABLE_KEYS = ("resume", "out", "device", "log_every", "save_every", "skip_nonfinite")
+RESUMABLE_KEYS = ("resume", "out", "overwrite", "device", "log_every", "save_every",
+                  "skip_nonfinite", "term_grace")  # fmt: skip
 
 
 def load_config(
@@ -54,6 +55,8 @@ def load_config(
     origins: dict[str, str] = {key: "resumed run.json" for key in values}
     if config_file:
         path = Path(config_file)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory; --config expects a YAML file of key: value")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
@@ -77,6 +80,7 @@ def load_config(
         origins[key] = f"command line '{item}'"
         values[key] = _parse_yaml(raw, origins[key]) if raw != "" else ""
     if base is not None:
+        _check_resume_place(values, origins, base)
         changed = [k for k in values if k not in RESUMABLE_KEYS and values[k] != base.get(k)]
         if changed:
             raise ValueError(
@@ -87,15 +91,49 @@ def load_config(
     return build_config(values, origins)
 
 
+def _check_resume_place(values: dict[str, Any], origins: dict[str, str], base: dict) -> None:
+    """A resumed run continues in its own directory: `out` and `overwrite` would be ignored."""
+    resume = Path(str(values.get("resume", "")))
+    for key in ("out", "overwrite"):
+        if origins.get(key, "resumed run.json") == "resumed run.json":
+            continue  # not given now: the value the run started with
+        if key == "out" and Path(str(values[key])).resolve() == resume.resolve():
+            continue
+        raise ValueError(
+            f"{origins[key]}: resume={resume} continues the run in {resume}, so {key}= cannot "
+            f"apply; drop {key}= (to start over elsewhere, run without resume=)"
+        )
+
+
 def _parse_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load (plain data, never objects or code); a syntax error becomes a ValueError."""
+    """yaml.safe_load (plain data, never objects or code); a syntax error or a key set twice
+    becomes a ValueError naming `where`."""
     try:
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), where)
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ValueError(f"{where}: not valid YAML: {problem}{at}") from None
+
+
+def _check_unique_keys(node: yaml.Node | None, where: str) -> None:
+    """ValueError naming both lines if the top mapping sets a key twice: yaml.safe_load keeps the
+    last value without a word, so `rho: 0.1` on line 2 would lose to `rho: 0.3` on line 40."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue  # not a config key at all; build_config names it
+        line = key_node.start_mark.line + 1
+        if key_node.value in first_lines:
+            raise ValueError(
+                f"{where}:{line}: key '{key_node.value}' is set twice (also on line "
+                f"{first_lines[key_node.value]}); keep one (YAML would silently use the last)"
+            )
+        first_lines[key_node.value] = line
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:

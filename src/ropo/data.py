@@ -12,6 +12,7 @@ after truncation ("identical_after_truncation"): its DPO loss is a constant ln 2
 
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ropo.data_formats import FORMATS, PARSERS
+from ropo.data_formats import FORMATS, PARSERS, SkipRecord, check_jsonl_file
 from ropo.models.tokenizer import BOS_TEXT, TEMPLATES, Tokenizer, format_chat
 
 
@@ -59,7 +60,7 @@ class DataReport:
 
 
 def load_pairs(
-    path: str | Path, format: str = "plain", template: str = "plain"
+    path: str | Path, format: str = "plain", template: str = "plain", strict: bool = False
 ) -> tuple[list[PreferencePair], DataReport]:
     """Pairs of a JSONL file in one of FORMATS, prompts rendered with `format_chat(template)`.
 
@@ -67,21 +68,30 @@ def load_pairs(
     first 16 hex digits of sha1(prompt, chosen, rejected). Exact repeats of a pair without an
     explicit id are skipped ("duplicate_pair"); a repeated explicit id is an error naming both
     lines. Also skipped: an empty or all-whitespace response ("empty_response"), chosen == rejected
-    ("identical_responses"). Blank lines are ignored; bad input raises ValueError("file:line: ...").
+    ("identical_responses"), and unless `strict` a record its parser can do without (tldr: a
+    null post, "null_post"). Blank lines are ignored; bad input raises ValueError("file:line: ...").
     """
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    check_jsonl_file(path)
     report, pairs = DataReport(), []
     id_lines: dict[str, str] = {}  # id -> "file:line" that claimed it
     contents: set[str] = set()
     for where, record in _read_records(path):
         report.read += 1
-        messages, chosen, rejected, pair_id = PARSERS[format](record, where)
+        try:
+            messages, chosen, rejected, pair_id = PARSERS[format](record, where)
+        except SkipRecord as skip:
+            if strict:
+                raise ValueError(
+                    f"{skip.problem}; strict_data=true stops here (without it such rows are "
+                    f"skipped and counted as {skip.reason})"
+                ) from None
+            report.skip(skip.reason)
+            continue
         prompt = _render(messages, template, where)
         content = _content_hash(prompt, chosen, rejected)
         if format == "ultrafeedback" and content not in contents:
@@ -125,7 +135,24 @@ def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
                 raise ValueError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if _SURROGATE_ESCAPE.search(line) and not _is_unicode(record):
+                raise ValueError(
+                    f"{where}: a string holds a lone surrogate escape (\\ud800 to \\udfff without "
+                    "its pair), which is no Unicode character; fix or drop the line"
+                )
             yield where, record
+
+
+# json.loads accepts "\ud800" alone, but such a string cannot be encoded (tokenised, written) later.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_unicode(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _render(messages: list[dict], template: str, where: str) -> str:

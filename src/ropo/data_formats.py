@@ -1,13 +1,58 @@
 """The four preference-record layouts: one JSON object → (prompt messages, chosen, rejected, id).
 
-Part of the data stage, just before `data.py`: `load_pairs` picks a parser from `PARSERS` by the
+Part of the data stage, just before `data.py`: `check_jsonl_file` refuses what is no JSONL file
+(a folder, a parquet or arrow export), then `load_pairs` picks a parser from `PARSERS` by the
 `format` key and builds a PreferencePair from what it returns. Every error names the "file:line".
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 FORMATS = ("plain", "ultrafeedback", "alpaca_comparison", "tldr")
+# Files of a Hugging Face `datasets` folder written by save_to_disk (a Dataset; a DatasetDict has
+# dataset_dict.json and one such folder per split).
+DATASETS_FOLDER_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+TO_JSONL = ".to_json('pairs.jsonl') (the `datasets` library), then pass data=pairs.jsonl"
+
+
+class SkipRecord(Exception):
+    """A record a parser cannot use but the file may go on without: `load_pairs` counts it under
+    `reason` in the data report, or stops with `problem` when strict_data is set."""
+
+    def __init__(self, reason: str, problem: str) -> None:
+        super().__init__(problem)
+        self.reason, self.problem = reason, problem
+
+
+def check_jsonl_file(path: Path) -> None:
+    """FileNotFoundError or ValueError naming `path` unless it may be a JSONL file; a folder, a
+    parquet or an arrow file is refused with the way to export it as JSONL."""
+    if path.is_dir():
+        saved = [path / name for name in DATASETS_FOLDER_FILES] + list(path.glob("*.arrow"))
+        if any(file.is_file() for file in saved):
+            split = "['train']" if (path / "dataset_dict.json").is_file() else ""
+            raise ValueError(
+                f"{path}: is a Hugging Face `datasets` folder (save_to_disk), but data must be a "
+                f"JSONL file; export it with datasets.load_from_disk('{path}'){split}{TO_JSONL}"
+            )
+        raise ValueError(f"{path}: is a directory; data must be a JSONL file, one pair per line")
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if not path.is_file():  # reading a FIFO or a device could hang
+        raise ValueError(f"{path}: is not a regular file; data must be a JSONL file")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"PAR1"):
+        raise ValueError(
+            f"{path}: is a parquet file, but data must be JSONL; export it with "
+            f"datasets.load_dataset('parquet', data_files='{path}')['train']{TO_JSONL}"
+        )
+    if magic == b"ARROW1" or path.suffix == ".arrow":  # save_to_disk's arrow streams lack magic
+        raise ValueError(
+            f"{path}: is an Arrow file, but data must be JSONL; export it with "
+            f"datasets.Dataset.from_file('{path}'){TO_JSONL}"
+        )
 
 
 # A parser turns one record into (prompt messages, chosen, rejected, explicit id or None).
@@ -65,6 +110,8 @@ def _parse_alpaca(record: dict, where: str) -> Parsed:
 def _parse_tldr(record: dict, where: str) -> Parsed:
     """openai/summarize_from_feedback comparisons (Reddit posts)."""
     info = _get(record, "info", dict, where)
+    if "post" in info and info["post"] is None:  # no post, no TL;DR prompt: skip the row
+        raise SkipRecord("null_post", f"{where}: field 'info.post' is null, so no prompt")
     post = _nonblank(_get(info, "post", str, where, "info.post"), "info.post", where)
     title = _get(info, "title", str, where, "info.title")
     subreddit = _get(info, "subreddit", str, where, "info.subreddit")

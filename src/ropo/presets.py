@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ropo.data_formats import check_jsonl_file
+
 MODEL_PRESETS = {
     # name: (directory under $MODELS_DIR, where to get it)
     "llama2-7b": ("Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf (gated: accept the licence first)"),
@@ -80,8 +82,9 @@ def resolve_data(name_or_path: str, format: str) -> tuple[Path, str]:
             )
         return path, preset_format
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"data file {path} does not exist (presets: {', '.join(DATA_PRESETS)})"
         )
+    check_jsonl_file(path)  # a folder or a parquet/arrow export: say how to get JSONL
     return path, format

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ropo.data import TokenizedPair
 from ropo.logps import PairLogps, score_pairs
+from ropo.models.files import check_safetensors, require_regular_file
 from ropo.models.load import load_model
 
 # Bump when the way log-probs are computed changes, so old caches stop matching. v2: one
@@ -86,7 +87,11 @@ def fingerprint_model_dir(model_dir: str | Path) -> str:
     place. For a 7B checkpoint this costs about a minute once per run, against hours of training.
     """
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]
+    weights = sorted(model_dir.glob("*.safetensors"))
+    for path in weights:  # a FIFO or /dev/zero would hang the hash; a damaged file gets named
+        check_safetensors(path)
+    require_regular_file(model_dir / "config.json", f"no config.json in {model_dir}")
+    files = weights + [model_dir / "config.json"]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

@@ -1,15 +1,15 @@
-"""Device choice and a memory estimate made before any weight is loaded.
+"""Device choice, a memory estimate and size checks made before any weight is loaded.
 
 A 7B run that cannot fit should fail in a second with the arithmetic, not after minutes of
-loading with an out-of-memory error from deep inside torch. The estimate is per process: FSDP
-(torchrun) divides what it shards by the number of processes.
+loading with an out-of-memory error from deep inside torch; so should a max_length beyond the
+model's positions or a LoRA rank beyond its narrowest adapted projection. The estimate is per
+process: FSDP (torchrun) divides what it shards by the number of processes.
 
 Notation: n parameters, C model width, M MLP width (intermediate_size), r LoRA rank, W processes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ropo.config import RunConfig
-from ropo.models.config import ModelConfig
+from ropo.models.config import ModelConfig, read_model_config
 
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -33,20 +33,54 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+# (fan_in, fan_out) of each projection LoRA can adapt, named by the config.json values behind them.
+PROJECTION_SIDES = {
+    "wq": ("hidden_size", "num_attention_heads * head_dim"),
+    "wk": ("hidden_size", "num_key_value_heads * head_dim"),
+    "wv": ("hidden_size", "num_key_value_heads * head_dim"),
+    "wo": ("num_attention_heads * head_dim", "hidden_size"),
+    "w1": ("hidden_size", "intermediate_size"),
+    "w2": ("intermediate_size", "hidden_size"),
+    "w3": ("hidden_size", "intermediate_size"),
+}
+
+
+def projection_widths(config: ModelConfig) -> dict[str, int]:
+    """The value of every name in PROJECTION_SIDES for this model."""
+    return {
+        "hidden_size": config.dim,
+        "num_attention_heads * head_dim": config.n_heads * config.head_dim,
+        "num_key_value_heads * head_dim": config.n_kv_heads * config.head_dim,
+        "intermediate_size": config.intermediate_size,
+    }
+
+
 def lora_params(config: ModelConfig, rank: int, targets: list[str]) -> int:
     """Adapter parameters: r * (fan_in + fan_out) for every target projection of every layer."""
-    C, M = config.dim, config.intermediate_size
-    heads, kv_heads = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    fans = {
-        "wq": C + heads,
-        "wk": C + kv_heads,
-        "wv": C + kv_heads,
-        "wo": heads + C,
-        "w1": C + M,
-        "w2": M + C,
-        "w3": C + M,
-    }
-    return config.n_layers * rank * sum(fans[name] for name in targets)
+    width = projection_widths(config)
+    fans = sum(width[side] for name in targets for side in PROJECTION_SIDES[name])
+    return config.n_layers * rank * fans
+
+
+def check_fits(model_dir: Path, cfg: RunConfig) -> None:
+    """ValueError unless max_length is within the model's max_position_embeddings and lora_rank
+    within the narrowest side of every adapted projection (read from `model_dir`/config.json)."""
+    config, config_file = read_model_config(model_dir), model_dir / "config.json"
+    max_length, positions = cfg.data.max_length, config.max_position_embeddings
+    if max_length > positions:
+        raise ValueError(
+            f"config key 'max_length' = {max_length} is more than the model's "
+            f"max_position_embeddings = {positions} ({config_file}); set max_length <= {positions}"
+        )
+    rank, width = cfg.model.lora_rank, projection_widths(config)
+    targets = cfg.model.lora_targets.split(",")
+    narrowest = min((side for name in targets for side in PROJECTION_SIDES[name]), key=width.get)
+    if rank > width[narrowest]:
+        raise ValueError(
+            f"config key 'lora_rank' = {rank} is more than the narrowest side of an adapted "
+            f"projection, {narrowest} = {width[narrowest]} ({config_file}); "
+            f"set lora_rank <= {width[narrowest]} or adapt other lora_targets"
+        )
 
 
 def activation_bytes(config: ModelConfig, tokens: int, width: int, checkpointing: bool) -> int:
@@ -110,9 +144,7 @@ def available_bytes(device: torch.device) -> int:
 def check_memory(model_dir: Path, cfg: RunConfig, device: torch.device, world_size: int = 1) -> str:
     """The estimate as one line to print; MemoryError with the same arithmetic when the
     model cannot be trained on `device` (per process, `world_size` processes)."""
-    config = ModelConfig.from_hf(
-        json.loads((model_dir / "config.json").read_text()), source=str(model_dir / "config.json")
-    )
+    config = read_model_config(model_dir)
     need = training_bytes(config, cfg, world_size)
     total, have = sum(need.values()), available_bytes(device)
     parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items())

@@ -14,20 +14,20 @@ from typing import Any
 
 import torch
 
-from ropo import audit, distributed
+from ropo import audit, distributed, run_dir
 from ropo.checkpoint import latest_checkpoint, load_adapters, load_checkpoint
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
 from ropo.models import Tokenizer, load_model, load_tokenizer
-from ropo.models.config import ModelConfig
+from ropo.models.config import read_model_config
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import apply_lora, merged_weights
 from ropo.presets import resolve_data, resolve_model
 from ropo.ref_cache import fingerprint_model_dir, fingerprint_pairs
-from ropo.resources import check_memory
+from ropo.resources import check_fits, check_memory
 from ropo.step import StepSettings, make_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +49,7 @@ class Run:
 
     cfg: RunConfig
     out: Path
+    identity: run_dir.RunIdentity  # run id (in run.json and every checkpoint), inputs, resume
     model_dir: Path
     tokenizer: Tokenizer
     data: Dataset
@@ -56,6 +57,9 @@ class Run:
     dtype: torch.dtype
     step: StepSettings
     base_sha256: str = ""  # with LoRA: fingerprint of the frozen base that checkpoints rely on
+    # How long each checkpoint write of this process took; on SIGTERM the last one decides
+    # whether another fits in the grace period.
+    checkpoint_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -72,37 +76,64 @@ class LoopState:
 
 
 def start_run(cfg: RunConfig) -> Run:
-    """Check what can fail fast (paths, vocab, memory, loss), then read the data."""
+    """Check what can fail fast (run directory, paths, vocab, memory), then read the data.
+
+    The caller holds the run directory's lock (run_dir.locked). A fresh run needs an empty
+    directory (or overwrite=true, which empties it once the model and tokenizer check out); a
+    resume first checks that its model, tokenizer and data are the ones run.json recorded.
+    """
     out = Path(cfg.run.resume or cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     device = distributed.init(cfg)  # joins the process group under torchrun
+    if not cfg.run.resume and is_main():
+        run_dir.check_fresh(out, cfg.run.overwrite)
     dtype = DTYPES[cfg.model.dtype]
     model_dir = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
+    check_fits(model_dir, cfg)
     memory = check_memory(model_dir, cfg, device, distributed.world_size())
     if is_main():
         print(memory)
     loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
+    identity = identify_run(cfg, out, model_dir)
     data = prepare_data(cfg, tokenizer, out)
     if is_main():
         print(data.summary)
-        audit.write_run_info(out, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary)
+        audit.write_run_info(
+            out, identity, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary
+        )
     step = StepSettings(
         tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
     )
     base_sha256 = fingerprint_model_dir(model_dir) if cfg.model.lora_rank else ""
-    return Run(cfg, out, model_dir, tokenizer, data, loss_fn, dtype, step, base_sha256)
+    return Run(cfg, out, identity, model_dir, tokenizer, data, loss_fn, dtype, step, base_sha256)
+
+
+def identify_run(cfg: RunConfig, out: Path, model_dir: Path) -> run_dir.RunIdentity:
+    """The run's id, the fingerprints of its inputs and, for a resume, its checkpoint.
+
+    A fresh run gets a new id (and with overwrite=true an emptied directory, now that its model
+    and tokenizer have been checked). A resume keeps the id of run.json after checking that every
+    input is still the one recorded there and finding the newest checkpoint of this run that
+    verifies: every refusal comes before anything in the directory is written.
+    """
+    data_file, _ = resolve_data(cfg.data.data, cfg.data.format)
+    inputs = run_dir.input_fingerprints(model_dir, data_file)
+    if not cfg.run.resume:
+        if is_main() and cfg.run.overwrite:
+            run_dir.clear(out)
+        return run_dir.RunIdentity(run_dir.new_run_id(), inputs)
+    info = run_dir.read_run_info(out)
+    run_dir.check_inputs_unchanged(out / "run.json", info["inputs"], inputs)
+    checkpoint = latest_checkpoint(out, info["run_id"])
+    return run_dir.RunIdentity(info["run_id"], inputs, info, checkpoint)
 
 
 def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
     """Raise ValueError if the tokenizer has ids the embedding lacks; reads only config.json, which
     from_hf also checks for settings we do not support (e.g. rope_scaling)."""
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}")
-    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    config = read_model_config(model_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"{model_dir}/tokenizer.model has {tokenizer.vocab_size} pieces but the "
@@ -119,7 +150,9 @@ def loss_params(cfg: RunConfig) -> dict[str, float]:
 def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     """Load, inject noise (recording the flip mask in <out>/flips.json) and tokenise."""
     path, data_format = resolve_data(cfg.data.data, cfg.data.format)
-    pairs, report = load_pairs(path, format=data_format, template=cfg.data.template)
+    pairs, report = load_pairs(
+        path, format=data_format, template=cfg.data.template, strict=cfg.data.strict_data
+    )
     if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
         report.skipped["beyond_max_pairs"] = len(pairs) - cfg.data.max_pairs  # counted, not silent
         pairs = pairs[: cfg.data.max_pairs]
@@ -143,7 +176,7 @@ def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopS
     checkpoint (`resume`); audit lines written after that checkpoint are cut."""
     cfg, out = run.cfg, run.out
     optimizer_for = lambda model: make_optimizer(model, cfg.optim)  # noqa: E731
-    checkpoint = latest_checkpoint(out) if cfg.run.resume else None
+    checkpoint = run.identity.checkpoint
     if checkpoint is None:
         if cfg.run.resume and is_main():
             print(f"resume: no checkpoint in {out} yet, starting from the beginning")
@@ -186,7 +219,11 @@ def build_policy(run: Run, checkpoint: Path | None = None) -> Transformer:
 
 def checkpoint_state(state: LoopState, run: Run) -> dict[str, Any]:
     """The run state a checkpoint's state.json holds: loop counters and the resolved config."""
-    saved = {"loop": vars(state).copy(), "config": run.cfg.to_flat_dict()}
+    saved = {
+        "loop": vars(state).copy(),
+        "config": run.cfg.to_flat_dict(),
+        "run_id": run.identity.run_id,
+    }
     if run.base_sha256:  # a LoRA checkpoint holds adapters for exactly this base model
         saved["base_model_sha256"] = run.base_sha256
     return saved

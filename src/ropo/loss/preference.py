@@ -9,7 +9,6 @@ DPO β (KL strength), `alpha` the ROPO α, `label_smoothing` the flip rate ε of
 its paper. Log-probs are SUMMED over response tokens, except for IPO, which takes MEAN log-probs.
 """
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,28 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ropo.config import check_alpha, check_beta, check_label_smoothing
+
 ROPO_ALPHA = 14.0  # the paper's default; its ablations use 6, 14 and 30
 LABEL_SMOOTHING = 0.1  # default ε for cDPO/rDPO when the config does not give one
-
-
-def _check_beta(beta: float) -> None:
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-
-
-def _check_label_smoothing(label_smoothing: float) -> None:
-    # ε ≥ 0.5 would mean the labels are more often wrong than right; rDPO divides by 1 − 2ε.
-    if not (math.isfinite(label_smoothing) and 0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-
-
-def _check_alpha(alpha: float) -> None:
-    if not (math.isfinite(alpha) and alpha > 2):
-        raise ValueError(
-            f"ROPO alpha must be a finite number > 2, got {alpha!r}: only for alpha > 2 does a "
-            "pair the model confidently contradicts (t → −∞, gradient weight 4α/(1+α)²) get less "
-            "gradient than an ambiguous one (t = 0, weight 4α/(1+α)² · (2+α)/4)"
-        )
 
 
 def _margin(
@@ -70,7 +51,7 @@ def implicit_rewards(
 
     Their difference is the margin t = β·Δ; at step 0 (policy == reference) both are 0.
     """
-    _check_beta(beta)
+    check_beta(beta)
     _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
@@ -88,7 +69,7 @@ def dpo_loss(
 
     Gradient weight −∂ℓ/∂t = σ(−t): largest for the pairs the policy contradicts most.
     """
-    _check_beta(beta)
+    check_beta(beta)
     t = beta * _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -107,7 +88,7 @@ def ipo_loss(
     Takes MEAN (length-averaged) log-probs over response tokens, as TRL does: with summed log-probs
     the fixed target 1/(2β) would mean something different for long and short responses.
     """
-    _check_beta(beta)
+    check_beta(beta)
     margin = _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -127,8 +108,8 @@ def cdpo_loss(
 
     Mitchell 2023, "A note on DPO with noisy preferences": DPO on labels assumed flipped at rate ε.
     """
-    _check_beta(beta)
-    _check_label_smoothing(label_smoothing)
+    check_beta(beta)
+    check_label_smoothing(label_smoothing)
     t = beta * _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -149,8 +130,8 @@ def rdpo_loss(
     Summed log-probs. Chowdhury et al. 2024, "Provably robust DPO": an unbiased estimate of the
     clean DPO loss when labels flip at a known rate ε < 0.5.
     """
-    _check_beta(beta)
-    _check_label_smoothing(label_smoothing)
+    check_beta(beta)
+    check_label_smoothing(label_smoothing)
     t = beta * _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -170,7 +151,7 @@ def noise_aware_loss(
     Symmetric, ℓ_na(Δ) + ℓ_na(−Δ) = 1, so symmetric flips at rate η < 0.5 only rescale the risk:
     (1 − 2η)·R_clean + η. Its gradient σ(t)σ(−t) vanishes for confident pairs either way.
     """
-    _check_beta(beta)
+    check_beta(beta)
     t = beta * _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -191,8 +172,8 @@ def ropo_loss(
     Liang et al. 2404.04102: DPO plus α times the noise-aware term ℓ_na = σ(−t). The factor
     4α/(1+α)² scales the peak gradient weight to exactly 1 (see `ropo_gradient_weight`). α > 2.
     """
-    _check_beta(beta)
-    _check_alpha(alpha)
+    check_beta(beta)
+    check_alpha(alpha)
     t = beta * _margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -206,7 +187,7 @@ def ropo_gradient_weight(margin_t: Tensor, alpha: float = ROPO_ALPHA) -> Tensor:
     Peaks at exactly 1 where σ(t) = (α−1)/(2α), i.e. t = ln((α−1)/(α+1)); tends to 4α/(1+α)² as
     t → −∞ (a confidently contradicted pair, likely flipped) and to 0 as t → +∞.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     scale = 4 * alpha / (1 + alpha) ** 2
     return scale * torch.sigmoid(-margin_t) * (1 + alpha * torch.sigmoid(margin_t))
 
@@ -229,8 +210,8 @@ LOSS_PARAMS: dict[str, dict[str, float]] = {
 }
 
 _PARAM_CHECKS: dict[str, Callable[[float], None]] = {
-    "label_smoothing": _check_label_smoothing,
-    "alpha": _check_alpha,
+    "label_smoothing": check_label_smoothing,
+    "alpha": check_alpha,
 }
 
 # Losses whose formula expects MEAN log-probs over response tokens; all others take SUMMED ones.
@@ -252,7 +233,7 @@ class PreferenceLoss:
     def __post_init__(self) -> None:
         if self.name not in LOSSES:
             raise ValueError(f"unknown loss {self.name!r}; known losses: {sorted(LOSSES)}")
-        _check_beta(self.beta)
+        check_beta(self.beta)
         expected = LOSS_PARAMS[self.name].keys()
         unknown = sorted(set(self.params) - set(expected))
         missing = sorted(set(expected) - set(self.params))

@@ -1,10 +1,16 @@
 """The model's hyperparameters: config.json -> ModelConfig -> Transformer (models/llama.py).
 
-load.py reads a checkpoint's config.json through ModelConfig.from_hf and save_model writes it back
-with to_hf; unsupported Hugging Face settings are refused here, before any weight is built.
+load.py and the run's early checks read a checkpoint's config.json with read_model_config
+(ModelConfig.from_hf) and save_model writes it back with to_hf; unsupported Hugging Face settings
+and fields of the wrong JSON type are refused here, before any weight is built.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ropo.models.files import read_json
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 MODEL_TYPES = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
@@ -23,6 +29,40 @@ MUST_BE = {
     "rope_scaling": (None,),
     "attention_dropout": (0.0, None),
     "quantization_config": (None,),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a width
+
+
+# What each field we read must be, when it is present and not null. The description is the test.
+FIELD_KINDS: dict[str, str] = {
+    **dict.fromkeys(
+        (*REQUIRED, "num_attention_heads", "num_key_value_heads", "head_dim",
+         "max_position_embeddings", "sliding_window"),
+        "a positive integer",
+    ),
+    "rms_norm_eps": "a number",
+    "rope_theta": "a number",
+    "rope_parameters": "an object",
+    "tie_word_embeddings": "true or false",
+    "bos_token_id": "an integer",
+    "eos_token_id": "an integer or a non-empty list of integers",
+    "architectures": "a list of strings",
+    "model_type": "a string",
+}  # fmt: skip
+KIND_TESTS: dict[str, Callable[[Any], bool]] = {
+    "a positive integer": lambda v: _is_int(v) and v >= 1,
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "an object": lambda v: isinstance(v, dict),
+    "true or false": lambda v: isinstance(v, bool),
+    "an integer": _is_int,
+    "an integer or a non-empty list of integers": lambda v: (
+        _is_int(v) or (isinstance(v, list) and len(v) > 0 and all(map(_is_int, v)))
+    ),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a string": lambda v: isinstance(v, str),
 }
 
 
@@ -59,6 +99,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Read a Hugging Face config.json dict; unsupported settings raise ValueError."""
+        _check_kinds(hf, source)
         model_type = _model_type(hf, source)
         for field, allowed in MUST_BE.items():
             if field in hf and hf[field] not in allowed:
@@ -135,6 +176,24 @@ class ModelConfig:
         return embeddings + self.n_layers * (attention + mlp + 2 * C) + C
 
 
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of `model_dir`/config.json; errors name the file (and line, for bad JSON)."""
+    config_file = Path(model_dir) / "config.json"
+    hf = read_json(config_file, missing=f"no config.json in {model_dir}")
+    return ModelConfig.from_hf(hf, source=str(config_file))
+
+
+def _check_kinds(hf: Any, source: str) -> None:
+    if not isinstance(hf, dict):
+        raise ValueError(
+            f"{source}: expected a JSON object of model settings, got {type(hf).__name__}"
+        )
+    for field, kind in FIELD_KINDS.items():
+        value = hf.get(field)
+        if value is not None and not KIND_TESTS[kind](value):  # null: the default applies
+            raise ValueError(f"{source}: field '{field}' = {value!r} must be {kind}")
+
+
 def _model_type(hf: dict, source: str) -> str:
     archs, model_type = hf.get("architectures"), hf.get("model_type")
     if archs is not None:  # the class transformers would build decides
@@ -162,6 +221,10 @@ def _rope_theta(hf: dict, source: str) -> float:
         raise ValueError(
             f"{source}: rope_parameters={params!r} is not supported "
             "(only plain RoPE: rope_type 'default' with rope_theta)"
+        )
+    if not KIND_TESTS["a number"](theta):
+        raise ValueError(
+            f"{source}: field 'rope_parameters.rope_theta' = {theta!r} must be a number"
         )
     if float(hf.get("rope_theta", theta)) != float(theta):
         raise ValueError(

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ropo.models.config import ModelConfig
+from ropo.models.config import ModelConfig, read_model_config
+from ropo.models.files import check_safetensors, read_json
 from ropo.models.llama import Transformer
 
 # Hugging Face name -> our name; {i} is the layer index. Loading is only this renaming, because
@@ -58,13 +59,13 @@ def load_model(
 ) -> Transformer:
     """The Transformer in `path`, in eval mode, in the checkpoint dtype unless `dtype` is given.
 
-    Loading is strict: missing, unexpected or misshapen tensors raise ValueError naming them.
+    Loading is strict: missing, unexpected or misshapen tensors raise ValueError naming them, and
+    so do damaged files.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}; expected {EXPECTED_FILES}")
-    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    config = read_model_config(path)
     files = _weight_files(path)  # HF name -> file holding it
     with torch.device("meta"):  # shapes only: no memory and no wasted random init
         model = Transformer(config)
@@ -77,7 +78,7 @@ def load_model(
     params = dict(model.named_parameters(remove_duplicate=False))
     tied_head_file = None
     for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt", device="cpu") as f, torch.no_grad():
+        with _open_safetensors(file) as f, torch.no_grad():
             for name in f.keys():
                 ours = rename(name, HF_TO_OURS) if files.get(name) == file else None
                 if ours == "output.weight" and config.tie_word_embeddings:
@@ -90,27 +91,51 @@ def load_model(
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the file that holds it; every file is checked before it is opened."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+    if single.exists():
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
-    if not index.is_file():
+    if not index.exists():
         raise FileNotFoundError(
             f"no model.safetensors or model.safetensors.index.json in {path}; "
             f"expected {EXPECTED_FILES}"
         )
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = {name: path / shard for name, shard in weight_map.items()}
-    missing = sorted({file.name for file in files.values() if not file.is_file()})
+    files = {name: path / shard for name, shard in _read_weight_map(index).items()}
+    missing = sorted({file.name for file in files.values() if not file.exists()})
     if missing:
         raise FileNotFoundError(f"{index} lists shard files missing from {path}: {missing}")
     return files
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    weight_map = read_json(index, missing=f"{index} does not exist")
+    if isinstance(weight_map, dict):
+        weight_map = weight_map.get("weight_map")
+    valid = isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())
+    if not valid:
+        raise ValueError(
+            f"{index}: field 'weight_map' is missing or not an object of tensor name -> shard "
+            "file, as save_pretrained writes it; save or download the checkpoint again"
+        )
+    return weight_map
+
+
+def _open_safetensors(file: Path) -> safe_open:
+    """safe_open on a file whose size matched its header; any other damage names the file."""
+    check_safetensors(file)
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(
+            f"{file}: damaged safetensors file ({err}); download or save it again"
+        ) from None
+
+
 def _read_headers(files: dict[str, Path]) -> tuple[dict[str, list[int]], dict[str, torch.dtype]]:
     shapes, dtypes = {}, {}
     for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if files.get(name) == file:  # an index may point elsewhere; trust the index
                     tensor = f.get_slice(name)
@@ -154,7 +179,7 @@ def _check_names_and_shapes(
 
 def _check_tied_head(model: Transformer, file: Path) -> None:
     # A tied checkpoint may still carry lm_head.weight; accept it only if it is the embedding.
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with _open_safetensors(file) as f:
         head = f.get_tensor("lm_head.weight")
     embedding = model.tok_embeddings.weight
     if not torch.equal(head.to(embedding.dtype), embedding.detach().cpu()):

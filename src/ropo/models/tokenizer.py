@@ -22,6 +22,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ropo.models.files import require_regular_file
+
 BOS_TEXT = "<s>"
 EOS_TEXT = "</s>"
 TEMPLATES = ("llama2-chat", "mistral-instruct", "plain")
@@ -119,8 +121,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer in `path`/tokenizer.model (`path` may also be the .model file itself)."""
     path = Path(path)
     model_file = path if path.is_file() else path / "tokenizer.model"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"tokenizer file {model_file} does not exist")
+    require_regular_file(model_file, f"tokenizer file {model_file} does not exist")  # not a FIFO
     return Tokenizer(model_file)
 
 

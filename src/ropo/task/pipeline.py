@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ropo.data import load_pairs
+from ropo.interrupt import Interrupted
 from ropo.resources import pick_device
 from ropo.task import evaluate, report, tables
 from ropo.task.settings import METHOD_LABELS, TaskSettings, parse_settings
@@ -145,6 +146,7 @@ def _write_results(out: Path, filename: str, results: dict[str, Any], table: str
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ropo.task.pipeline [out=DIR] [sweep=true] [setting=value ...]`."""
+    out: Path | str = "its out= directory"
     try:
         settings, out, sweep = parse_settings(sys.argv[1:] if argv is None else argv)
         pick_device(settings.device)  # device=cuda without CUDA fails now, not after stage 1
@@ -152,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"ropo builtin: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(
+            f"ropo builtin: interrupted by {stop} {stop.where}; the finished stages are kept in "
+            f"{out} and skipped next time: run the same command again to continue",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ropo
+from ropo.interrupt import Interrupted
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def run_stage(
     print(f"[{name}] running")
     marker.unlink(missing_ok=True)  # an interrupted stage must not look done
     start = time.perf_counter()
-    result = work()
+    try:
+        result = work()
+    except Interrupted as stop:
+        stop.where = f"in stage [{name}]" + (f", {stop.where}" if stop.where else "")
+        raise
     seconds = time.perf_counter() - start
     marker.parent.mkdir(parents=True, exist_ok=True)
     record = {"key": key, "inputs": inputs, "seconds": seconds, "result": result}

@@ -81,6 +81,11 @@ def load_task(out: Path) -> TaskData:
     return TaskData(**json.loads((out / "task" / "task.json").read_text()))
 
 
+def sft_positions(s: TaskSettings) -> int:
+    """Positions of the SFT model: the longest prompt plus response of the task, in tokens."""
+    return 4 * s.max_len + s.max_new_tokens + 8  # "▁" + digit per number, both sides
+
+
 def stage_sft(s: TaskSettings, out: Path) -> StageResult:
     """Stage 2: a tiny Llama trained on the demonstrations, saved as an HF model directory.
 
@@ -91,8 +96,7 @@ def stage_sft(s: TaskSettings, out: Path) -> StageResult:
     def work() -> dict[str, Any]:
         task, tokenizer = load_task(out), load_tokenizer(out / "task")
         torch.manual_seed(s.seed)
-        positions = 4 * s.max_len + s.max_new_tokens + 8  # "▁" + digit per number, both sides
-        config = tiny_llama_config(tokenizer, s.dim, s.n_layers, s.n_heads, positions)
+        config = tiny_llama_config(tokenizer, s.dim, s.n_layers, s.n_heads, sft_positions(s))
         model = Transformer(config).to(pick_device(s.device))
         losses = train_sft(
             model,
@@ -156,12 +160,13 @@ def stage_train(
         f"model={out / 'sft'}",
         f"data={out / 'pairs_train.jsonl'}",
         f"out={run_dir}",
+        "overwrite=true",  # the stage runs again only when its inputs changed: start over
         f"noise={noise}",
         f"seed={seed}",
         f"lr={s.lr}",
         f"beta={s.beta}",
         f"batch_size={s.batch_size}",
-        "max_length=64",
+        f"max_length={sft_positions(s)}",  # no longer than the SFT model's positions
         "log_every=5",
         f"rs_temperature={s.temperature}",
         f"rs_max_new_tokens={s.max_new_tokens}",
