@@ -1,6 +1,7 @@
 """Checkpoints that survive crashes: model in HF layout plus everything needed to resume exactly.
 
-A checkpoint directory holds the policy (`save_model`: config.json + safetensors), the AdamW state
+A checkpoint directory holds the policy (`save_model`: config.json + safetensors, in the training
+dtype, beside the tokenizer files of models/export.py), the AdamW state
 (`optimizer.safetensors`), the loop counters and run state (`state.json`), and a `manifest.json`
 with the sha256 of every file. It is written under a temporary name, fsynced and renamed; the
 `LATEST` pointer is replaced last. A directory without a manifest, or whose files do not match
@@ -35,6 +36,7 @@ from ropo.distributed import (
     world_size,
 )
 from ropo.faults import maybe_crash
+from ropo.models.export import TokenizerExport, write_tokenizer_files
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import has_lora
@@ -51,9 +53,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int = 2,
+    tokenizer: TokenizerExport | None = None,
 ) -> Path:
     """Write checkpoint `name` under run_dir/checkpoints atomically and point LATEST at it.
 
+    With `tokenizer`, a full checkpoint's model files also get the tokenizer files that
+    Hugging Face tools read (models/export.py); a LoRA checkpoint holds only adapters.
     Under torchrun every rank must call this; rank 0 writes, and all return once it is on disk.
     """
     lora = has_lora(model)
@@ -61,7 +66,9 @@ def save_checkpoint(
     optimizer_state = gather_optimizer_state(model, optimizer)
     root = run_dir / "checkpoints"
     if is_main():
-        _write_checkpoint(root, name, model, weights, optimizer_state, state, lora, keep_last)
+        _write_checkpoint(
+            root, name, model, weights, optimizer_state, state, lora, keep_last, tokenizer
+        )
     barrier()
     return root / name
 
@@ -75,6 +82,7 @@ def _write_checkpoint(
     state: dict[str, Any],
     lora: bool,
     keep_last: int,
+    tokenizer: TokenizerExport | None,
 ) -> None:
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
@@ -86,6 +94,8 @@ def _write_checkpoint(
         save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / LORA_FILE))
     else:
         save_weights(model.config, weights, tmp)
+        if tokenizer is not None:
+            write_tokenizer_files(tmp, tokenizer, model.config.max_position_embeddings)
     tensors, groups = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}

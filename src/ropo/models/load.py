@@ -90,6 +90,13 @@ def load_model(
     return model.eval()
 
 
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of the weights in checkpoint `path` (its embedding's, which load_model keeps by
+    default), read from the safetensors headers alone."""
+    _, dtypes = _read_headers(_weight_files(Path(path)))
+    return dtypes["model.embed_tokens.weight"]
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the file that holds it; every file is checked before it is opened."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"

@@ -1,0 +1,111 @@
+"""The files beside saved weights that make Hugging Face tools tokenise as the run trained.
+
+`run_setup.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
+write_tokenizer_files after the weights: tokenizer.model, tokenizer_config.json,
+special_tokens_map.json and generation_config.json. Without them transformers' AutoTokenizer
+guesses, and drops the BOS that every training sequence started with.
+
+What the files say, and why (tokenizer.py has the rule they describe):
+  * add_bos_token=true: every prompt starts with one BOS id.
+  * add_eos_token=false: EOS ends each response, but a prompt to generate from has none; a
+    trainer appends EOS after the response itself (as ropo and TRL do).
+  * legacy=true: each text between special tokens gets sentencepiece's dummy prefix, as ropo
+    encodes "</s><s>[INST]" (the "▁[INST]" of Meta's encoder); legacy=false would drop it.
+  * model_max_length = the model's max_position_embeddings: what the network can attend over.
+    The run's max_length is a data setting (run.json), and as model_max_length it would make
+    `truncation=True` cut prompts at the training length.
+  * chat_template: chat_templates.py's Jinja for the run's template.
+  * generation_config.json holds only the bos/eos/pad ids, so greedy decoding is unchanged.
+One known difference: transformers 5's LlamaTokenizer puts no extra "▁" before a text that
+starts with a space (sentencepiece and transformers 4 do), so such a prompt gets one id fewer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ropo.models.chat_templates import JINJA_TEMPLATES
+from ropo.models.tokenizer import Tokenizer
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerExport:
+    """How a run turned text into ids: its tokenizer and the chat template of its prompts."""
+
+    tokenizer: Tokenizer
+    template: str  # one of tokenizer.TEMPLATES
+
+
+def write_tokenizer_files(path: Path, export: TokenizerExport, model_max_length: int) -> None:
+    """Write TOKENIZER_FILES into the model directory `path` (each one atomically)."""
+    tokenizer = export.tokenizer
+    special = special_tokens(tokenizer)
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        **{name: token["content"] for name, token in special.items()},
+        "added_tokens_decoder": added_tokens(tokenizer),
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,  # decode as sentencepiece does
+        "chat_template": JINJA_TEMPLATES[export.template],
+    }
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    tmp = path / ".tokenizer.model.tmp"
+    shutil.copyfile(tokenizer.model_file, tmp)
+    os.replace(tmp, path / "tokenizer.model")
+    _write_json(path / "tokenizer_config.json", config)
+    _write_json(path / "special_tokens_map.json", special)
+    _write_json(path / "generation_config.json", generation)
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+    """bos/eos/unk/pad token entries as special_tokens_map.json holds them; pad is ropo's pad
+    (sentencepiece's pad piece, else EOS: padding is always masked)."""
+    ids = {
+        "bos_token": tokenizer.bos_id,
+        "eos_token": tokenizer.eos_id,
+        "unk_token": tokenizer.sp.unk_id(),
+        "pad_token": tokenizer.pad_id,
+    }
+    return {name: _token_entry(tokenizer, i) for name, i in ids.items()}
+
+
+def added_tokens(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+    """{id: entry} for every special piece. `normalized: false` matches "</s>" in the raw text,
+    so the text after it starts a new piece with its own dummy prefix, as in ropo's encoder."""
+    ids = sorted({tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp.unk_id(), tokenizer.pad_id})
+    return {str(i): _token_entry(tokenizer, i) | {"special": True} for i in ids}
+
+
+def _token_entry(tokenizer: Tokenizer, token_id: int) -> dict[str, Any]:
+    return {
+        "content": tokenizer.sp.id_to_piece(token_id),
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def _write_json(target: Path, data: dict) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
