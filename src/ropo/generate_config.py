@@ -1,0 +1,69 @@
+"""The settings of `ropo generate`: one frozen dataclass, read from `key=value` words.
+
+`config_load.load_settings` fills it with the parsing and checks of `ropo train`'s keys, and
+`generate.py` reads it. Apart from generate.py, so that the command line can list these keys in
+`ropo generate --help` without importing torch for every command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ropo.config import check_choice, check_device, check_range, setting
+
+LAYOUTS = ("jsonl", "alpaca_eval", "mt_bench")  # the files of generate_layouts.py
+TEMPLATES = ("plain", "llama2-chat", "mistral-instruct")  # models/tokenizer.py's format_chat
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    model: str = setting("", "HF model directory (a run's final/, or a preset name)")
+    prompts: str = setting("", ".jsonl / .json records, or a text file with one prompt per line")
+    out: str = setting("", "file to write the responses to (replaced if it exists)")
+    layout: str = setting("jsonl", "jsonl | alpaca_eval | mt_bench: the file's layout")
+    generator: str = setting("", "name written into the outputs ('' = the model directory's name)")
+    template: str = setting("plain", "chat template: plain | llama2-chat | mistral-instruct")
+    max_new_tokens: int = setting(512, "length limit of each response (and of each MT-Bench turn)")
+    temperature: float = setting(0.0, "0 = greedy; otherwise sampling at this temperature")
+    top_p: float = setting(1.0, "nucleus sampling threshold (with temperature > 0)")
+    n: int = setting(1, "responses per prompt (needs temperature > 0)")
+    seed: int = setting(0, "seeds the sampling")
+    batch_size: int = setting(8, "prompts answered at once (sorted by length to limit padding)")
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "auto (the checkpoint's) | float32 | bfloat16 | float16")
+
+    def __post_init__(self) -> None:
+        for key in ("model", "prompts", "out"):
+            if not getattr(self, key):
+                raise ValueError(f"config key '{key}' is required: {_help(key)}")
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("template", self.template, TEMPLATES)
+        check_range("max_new_tokens", self.max_new_tokens, 1, None)
+        check_range("temperature", self.temperature, 0.0, None)
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("n", self.n, 1, None)
+        check_range("batch_size", self.batch_size, 1, None)
+        check_device(self.device)
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"config key 'n' = {self.n} with temperature=0 would give {self.n} identical "
+                "greedy responses; set temperature > 0 (e.g. 0.7) or n=1"
+            )
+        if self.n > 1 and self.layout == "alpaca_eval":
+            raise ValueError(
+                f"config key 'n' = {self.n}: AlpacaEval scores one output per instruction; use "
+                "n=1, or layout=jsonl for several samples per prompt"
+            )
+
+
+def _help(key: str) -> str:
+    return GenerateSettings.__dataclass_fields__[key].metadata["help"]
+
+
+def describe_settings() -> str:
+    """Every key of `ropo generate` with its default and meaning (its --help)."""
+    lines = ["keys (key=value):"]
+    for name, f in GenerateSettings.__dataclass_fields__.items():
+        lines.append(f"  {name:<16} {f.default!r:<9} {f.metadata['help']}")
+    return "\n".join(lines)
