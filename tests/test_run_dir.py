@@ -86,7 +86,7 @@ def test_overwrite_starts_from_an_empty_directory_once_the_run_is_valid(
     assert info["run_id"] != old_id and info["config"]["noise"] == 0
     assert not (used / "flips.json").exists()  # the old run's, and this one injected no noise
     assert sorted(p.name for p in (used / "checkpoints").iterdir()) == ["LATEST", "round-1"]
-    assert [json.loads(line)["round"] for line in open(used / "metrics.jsonl")] == [0]
+    assert [json.loads(line)["round"] for line in open(used / "metrics.jsonl")] == [1]
 
 
 @pytest.mark.parametrize(

@@ -72,13 +72,15 @@ def test_ropo_run_writes_the_documented_audit(
         assert set(record) >= AUDIT_FIELDS
         assert record["flipped"] == flips[record["id"]]
         assert record["kept"] == (record["weight"] == 1.0)
-    for round_idx in range(3):
-        kept = [r for r in records if r["round"] == round_idx and r["kept"]]
+    for round_number in (1, 2, 3):  # rounds count from 1 in every file
+        kept = [r for r in records if r["round"] == round_number and r["kept"]]
         assert len(kept) == keep_count(n, 0.25) == 36
-        dropped_losses = [r["loss"] for r in records if r["round"] == round_idx and not r["kept"]]
+        dropped_losses = [
+            r["loss"] for r in records if r["round"] == round_number and not r["kept"]
+        ]
         assert min(dropped_losses) >= max(r["loss"] for r in kept)
     metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
     for key in ("drop_precision", "drop_recall", "loss_auroc_flipped", "reward_accuracy"):
         assert key in metrics[-1]
     cleaned, _ = load_pairs(out / "cleaned.jsonl")
@@ -219,7 +221,7 @@ def test_rejection_sampling_adds_pairs_for_dropped_prompts(
     )
     sampled = read_jsonl(out / "sampled_pairs.jsonl")
     dropped = {
-        r["id"] for r in read_jsonl(out / "pairs.jsonl") if r["round"] == 0 and not r["kept"]
+        r["id"] for r in read_jsonl(out / "pairs.jsonl") if r["round"] == 1 and not r["kept"]
     }
     assert sampled and len(sampled) <= len(dropped)
     for record in sampled:

@@ -1,7 +1,8 @@
 """What a run leaves behind for people and other tools to read.
 
 After each round: one line per pair in `<out>/pairs.jsonl` (log-probs, margin, loss, weight, kept,
-flipped), one summary line in `<out>/metrics.jsonl`, and the cleaned dataset (kept pairs) as JSONL.
+flipped), one summary line in `<out>/metrics.jsonl`, and the cleaned dataset (the kept pairs'
+original records) as JSONL.
 At the start: `<out>/run.json` with the resolved config, package versions, git revision and data
 fingerprint, so every output describes how it was made.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ropo.data import PreferencePair, write_pairs_jsonl
+from ropo.data import PreferencePair, read_records
 from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
 from ropo.filter.weights import DropDecision
 from ropo.logps import PairLogps
@@ -35,10 +36,12 @@ def write_run_info(
     resolved_config: dict[str, Any],
     data_fingerprint: str,
     data_report: str,
+    eval_ids: Sequence[str] = (),
 ) -> None:
     """Write `<out>/run.json`: run id, input fingerprints (run_dir.py), config, versions, git
-    revision, token fingerprint and counts of the data. A resume keeps the command that started
-    the run and adds its own to `resumes`."""
+    revision, token fingerprint and counts of the data, and the ids that eval_split held out of
+    the data (`eval_ids`). A resume keeps the command that started the run and adds its own to
+    `resumes`."""
     versions = {}
     for package in ("ropo", "torch", "sentencepiece", "safetensors", "numpy", "pyyaml", "tqdm"):
         try:
@@ -54,6 +57,7 @@ def write_run_info(
         "git_revision": _git_revision(),
         "data_fingerprint": data_fingerprint,
         "data_report": data_report,
+        "eval_ids": list(eval_ids),
         "command": started.get("command", sys.argv),
         "resumes": started.get("resumes", []) + ([sys.argv] if started else []),
     }
@@ -78,7 +82,7 @@ def _git_revision() -> str | None:
 
 
 def pair_records(
-    round_idx: int,
+    round_number: int,
     ids: Sequence[str],
     policy: PairLogps,
     reference: PairLogps,
@@ -87,7 +91,7 @@ def pair_records(
     beta: float,
     flips: Mapping[str, bool] | None,
 ) -> list[dict[str, Any]]:
-    """One audit record per pair (the fields documented in the README)."""
+    """One audit record per pair (the fields documented in the README); rounds count from 1."""
     margins = _margins(policy, reference)
     weights = decision.weights.tolist()
     records = []
@@ -95,7 +99,7 @@ def pair_records(
         records.append(
             {
                 "id": pair_id,
-                "round": round_idx,
+                "round": round_number,
                 "policy_chosen_logp": policy.chosen[i].item(),
                 "policy_rejected_logp": policy.rejected[i].item(),
                 "ref_chosen_logp": reference.chosen[i].item(),
@@ -112,7 +116,7 @@ def pair_records(
 
 
 def round_metrics(
-    round_idx: int,
+    round_number: int,
     records: Sequence[dict[str, Any]],
     decision: DropDecision,
     flips: Mapping[str, bool] | None,
@@ -126,7 +130,7 @@ def round_metrics(
     margins = torch.tensor([r["margin"] for r in records])
     kept = torch.tensor([r["kept"] for r in records])
     summary: dict[str, Any] = {
-        "round": round_idx,
+        "round": round_number,
         "n_pairs": len(records),
         "n_kept": decision.n_keep,
         "n_dropped": len(records) - decision.n_keep,
@@ -189,23 +193,53 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         "n_kept",
         "loss_mean",
         "reward_accuracy",
+        "eval_accuracy",
         "drop_precision",
         "drop_recall",
         "loss_auroc_flipped",
     ]
     parts = [f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics]
-    return f"round {metrics['round'] + 1}: " + " ".join(parts)
+    return f"round {metrics['round']}: " + " ".join(parts)
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def export_cleaned(path: Path, pairs: Sequence[PreferencePair], kept_ids: Sequence[str]) -> None:
-    """The kept pairs as plain JSONL (prompt/chosen/rejected/id): input for any DPO trainer."""
+def export_cleaned(
+    path: Path,
+    pairs: Sequence[PreferencePair],
+    kept_ids: Sequence[str],
+    flips: Mapping[str, bool] | None = None,
+) -> None:
+    """The kept pairs as their original input records, in file order: every field, untemplated,
+    in the input's format, so the file is input for any DPO trainer that read the original.
+
+    Each record gains `ropo_id` (its id in the audit files) and, with injected noise,
+    `ropo_flipped`: whether training saw its chosen and rejected swapped. The record keeps the
+    input's labels either way; the flips are a simulation, not data. Records are read again from
+    the data file by each pair's "file:line" source.
+    """
     kept = set(kept_ids)
+    wanted = {pair.source: pair.id for pair in pairs if pair.id in kept}  # "file:line" -> id
+    files = dict.fromkeys(source.rsplit(":", 1)[0] for source in wanted)
     tmp = path.with_name(f".{path.name}.tmp")  # never a cut-short file that looks complete
-    write_pairs_jsonl([p for p in pairs if p.id in kept], tmp)
+    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        for file in files:
+            for where, record in read_records(Path(file)):
+                pair_id = wanted.pop(where, None)
+                if pair_id is None:
+                    continue
+                record["ropo_id"] = pair_id
+                if flips is not None:
+                    record["ropo_flipped"] = bool(flips[pair_id])
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if wanted:
+        tmp.unlink()
+        raise ValueError(
+            f"{next(iter(wanted))}: this pair's line is no longer in the data file, which changed "
+            "during the run; restore it and resume the run"
+        )
     os.replace(tmp, path)
 
 

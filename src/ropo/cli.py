@@ -1,4 +1,6 @@
-"""Command line: `ropo train [--config FILE.yaml] key=value ...`, `ropo builtin`, `ropo keys`.
+"""Command line: `ropo train [--config FILE.yaml] key=value ...`, `ropo builtin`, `ropo keys`,
+`ropo generate model=DIR prompts=FILE out=FILE ...` (see `ropo generate --help`),
+`ropo eval model=DIR data=FILE ...` (see `ropo eval --help`).
 
 `ropo train resume=<run dir>` continues a run from its last checkpoint with the config saved in
 <run dir>/run.json. `ropo train` alone runs the built-in task; `ropo builtin key=value ...`
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -18,6 +21,8 @@ from safetensors import SafetensorError
 from ropo import interrupt, run_dir
 from ropo.config import RunConfig, describe_keys
 from ropo.config_load import load_config
+from ropo.eval_config import describe_settings as describe_eval_settings
+from ropo.generate_config import describe_settings as describe_generate_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     builtin_parser.add_argument("settings", nargs="*", metavar="key=value")
     commands.add_parser("keys", help="list every config key with its default and meaning")
+    _add_settings_parser(
+        commands,
+        "generate",
+        "responses of a model to a prompts file (JSONL, AlpacaEval or MT-Bench layout)",
+        "ropo generate model=DIR prompts=FILE out=FILE [key=value ...]",
+        describe_generate_settings(),
+    )
+    _add_settings_parser(
+        commands,
+        "eval",
+        "preference accuracy, margins and DPO loss of a policy on a file of pairs",
+        "ropo eval model=DIR data=FILE [reference=DIR] [key=value ...]",
+        describe_eval_settings(),
+    )
     args = parser.parse_args(argv)
 
     if args.command == "keys":
@@ -40,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "builtin":
         return _run_builtin(args.settings)
+    if args.command == "generate":
+        return _run_tool("generate", lambda: _generate(args.settings))
+    if args.command == "eval":
+        return _run_tool("eval", lambda: _eval(args.settings))
     if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
         return _run_builtin([])
     return _run_train(args.config, args.overrides)
@@ -87,6 +110,57 @@ def _resumed_config(overrides: list[str]) -> dict | None:
     if not resume:
         return None
     return run_dir.read_run_info(Path(resume))["config"]
+
+
+def _add_settings_parser(
+    commands: argparse._SubParsersAction, name: str, help: str, usage: str, keys: str
+) -> None:
+    """A subcommand that takes key=value settings, with its keys listed under --help."""
+    subparser = commands.add_parser(
+        name,
+        help=help,
+        description=usage,
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparser.add_argument("settings", nargs="*", metavar="key=value")
+
+
+def _run_tool(name: str, work: Callable[[], None]) -> int:
+    """`ropo eval` / `ropo generate`: exit 0 when `work` is done, 2 with one line on a user's
+    error, 128 + N on signal N."""
+    try:
+        with interrupt.handled():
+            work()
+    except interrupt.Interrupted as stop:
+        print(f"ropo {name}: interrupted by {stop}; nothing was written", file=sys.stderr)
+        return stop.exit_code
+    except (ValueError, FileNotFoundError, MemoryError) as err:
+        print(f"ropo: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as err:
+        print(f"ropo: error: {_describe_os_error(err, None)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _generate(settings: list[str]) -> None:
+    from ropo.config_load import load_settings
+    from ropo.generate_config import GenerateSettings
+
+    cfg = load_settings(GenerateSettings, settings, "ropo generate")
+    from ropo.generate import run_generate  # heavy imports only once the keys are valid
+
+    run_generate(cfg)
+
+
+def _eval(settings: list[str]) -> None:
+    from ropo.eval_config import load_eval_settings
+
+    eval_settings = load_eval_settings(settings)
+    from ropo.eval_run import run_eval  # torch only once the settings are valid
+
+    run_eval(eval_settings)
 
 
 def _run_builtin(settings: list[str]) -> int:

@@ -17,38 +17,48 @@ from typing import Any
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
-def _key(default: Any, help: str) -> Any:
+def setting(default: Any, help: str) -> Any:
+    """A config key: its default and the help line `ropo keys` (or a subcommand's --help) shows."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = _key(
+    model: str = setting(
         "",
         "HF model directory (config.json, safetensors, tokenizer.model) or a "
         "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR",
     )
-    dtype: str = _key("float32", "weights dtype: float32 | bfloat16 | float16")
-    autocast: str = _key(
+    dtype: str = setting("float32", "weights dtype: float32 | bfloat16 | float16")
+    save_dtype: str = setting(
+        "",
+        "dtype of the weights in <out>/final: float32 | bfloat16 | float16 ('' = the dtype of "
+        "the input checkpoint's weights); checkpoints keep the training dtype for an exact resume",
+    )
+    autocast: str = setting(
         "none",
         "mixed precision for matmuls: none | bfloat16 (with float32 "
         "weights this is the usual fp32-master / bf16-compute setup)",
     )
-    device: str = _key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    activation_checkpointing: bool = _key(False, "recompute each block in backward to save memory")
-    lora_rank: int = _key(
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    activation_checkpointing: bool = setting(
+        False, "recompute each block in backward to save memory"
+    )
+    lora_rank: int = setting(
         0,
         "rank r of LoRA adapters on the frozen model (0 = full fine-tuning); only the adapters "
         "train, and <out>/final holds them merged into the weights",
     )
-    lora_alpha: float = _key(16.0, "LoRA scale numerator: the adapter output is times alpha / r")
-    lora_targets: str = _key(
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapter output is times alpha / r")
+    lora_targets: str = setting(
         ",".join(LORA_TARGETS),
         "comma-separated projections that get adapters: wq,wk,wv,wo (attention), w1,w2,w3 (MLP)",
     )
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.save_dtype:  # '' follows the input checkpoint
+            check_choice("save_dtype", self.save_dtype, ("float32", "bfloat16", "float16"))
         check_choice("autocast", self.autocast, ("none", "bfloat16"))
         check_device(self.device)
         check_range("lora_rank", self.lora_rank, 0, None)
@@ -63,15 +73,19 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    data: str = _key("", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR")
-    format: str = _key("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = _key(
+    data: str = setting(
+        "", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR"
+    )
+    format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
+    template: str = setting(
         "plain", "chat template for message lists: plain | llama2-chat | mistral-instruct"
     )
-    max_length: int = _key(512, "prompt + response tokens; responses are cut at the end to fit")
-    noise: float = _key(0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5")
-    max_pairs: int = _key(0, "use only the first N pairs of the file (0 = all)")
-    strict_data: bool = _key(
+    max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
+    noise: float = setting(
+        0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5"
+    )
+    max_pairs: int = setting(0, "use only the first N pairs of the file (0 = all)")
+    strict_data: bool = setting(
         False,
         "stop at a record that can be skipped otherwise (format=tldr: info.post null) instead of "
         "skipping it and counting it in the data report",
@@ -86,11 +100,44 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class HeldoutSettings:
+    eval_data: str = setting(
+        "",
+        "held-out preference file (read with format, template and max_length as data=), scored "
+        "at the start and after every round into metrics.jsonl ('' = none)",
+    )
+    eval_split: float = setting(
+        0.0,
+        "instead of eval_data: hold out this share of data=, chosen by seed, never trained on "
+        "and never noised (ids in run.json eval_ids), 0 <= share < 0.5",
+    )
+    eval_every: int = setting(
+        0,
+        "also score the held-out pairs every N optimizer steps, into train_log.jsonl "
+        "(0 = only at the start and after every round)",
+    )
+
+    def __post_init__(self) -> None:
+        check_range("eval_split", self.eval_split, 0.0, 0.5, high_open=True)
+        check_range("eval_every", self.eval_every, 0, None)
+        if self.eval_data and self.eval_split:
+            raise ValueError(
+                f"config key 'eval_split' = {self.eval_split!r} and eval_data = "
+                f"{self.eval_data!r}: give one held-out set, eval_data or eval_split, not both"
+            )
+        if self.eval_every and not (self.eval_data or self.eval_split):
+            raise ValueError(
+                f"config key 'eval_every' = {self.eval_every!r} needs held-out pairs: set "
+                "eval_data=FILE or eval_split=SHARE too"
+            )
+
+
+@dataclass(frozen=True)
 class LossSettings:
-    loss: str = _key("ropo", "dpo | ipo | cdpo | rdpo | ropo")
-    beta: float = _key(0.1, "inverse temperature of the implicit reward beta*log(pi/pi_ref)")
-    alpha: float = _key(14.0, "ROPO's trade-off alpha (> 2); larger is more conservative")
-    label_smoothing: float = _key(0.1, "epsilon of cdpo / rdpo (the assumed flip rate)")
+    loss: str = setting("ropo", "dpo | ipo | cdpo | rdpo | ropo")
+    beta: float = setting(0.1, "inverse temperature of the implicit reward beta*log(pi/pi_ref)")
+    alpha: float = setting(14.0, "ROPO's trade-off alpha (> 2); larger is more conservative")
+    label_smoothing: float = setting(0.1, "epsilon of cdpo / rdpo (the assumed flip rate)")
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
@@ -103,13 +150,15 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class FilterSettings:
-    rounds: int = _key(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
-    rho: float = _key(0.2, "share of pairs dropped after each round (the highest-loss ones)")
-    rejection_sampling: bool = _key(False, "replace dropped pairs by pairs sampled from the policy")
-    rs_k: int = _key(4, "responses sampled per prompt of a dropped pair")
-    rs_temperature: float = _key(1.0, "sampling temperature for rejection sampling")
-    rs_top_p: float = _key(1.0, "nucleus sampling threshold for rejection sampling")
-    rs_max_new_tokens: int = _key(128, "length limit of sampled responses")
+    rounds: int = setting(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
+    rho: float = setting(0.2, "share of pairs dropped after each round (the highest-loss ones)")
+    rejection_sampling: bool = setting(
+        False, "replace dropped pairs by pairs sampled from the policy"
+    )
+    rs_k: int = setting(4, "responses sampled per prompt of a dropped pair")
+    rs_temperature: float = setting(1.0, "sampling temperature for rejection sampling")
+    rs_top_p: float = setting(1.0, "nucleus sampling threshold for rejection sampling")
+    rs_max_new_tokens: int = setting(128, "length limit of sampled responses")
 
     def __post_init__(self) -> None:
         check_range("rounds", self.rounds, 1, None)
@@ -122,14 +171,14 @@ class FilterSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    epochs: int = _key(1, "epochs over the training set in every round")
-    lr: float = _key(5e-7, "peak AdamW learning rate")
-    batch_size: int = _key(8, "pairs per optimizer step (before accumulation)")
-    grad_accum: int = _key(1, "micro-batches per optimizer step; the loss is averaged over all")
-    weight_decay: float = _key(0.0, "AdamW decoupled weight decay")
-    warmup_ratio: float = _key(0.1, "share of all steps spent warming the learning rate up")
-    schedule: str = _key("cosine", "cosine | linear | constant decay after warm-up")
-    max_grad_norm: float = _key(1.0, "gradient clipping threshold (0 = off)")
+    epochs: int = setting(1, "epochs over the training set in every round")
+    lr: float = setting(5e-7, "peak AdamW learning rate")
+    batch_size: int = setting(8, "pairs per optimizer step (before accumulation)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step; the loss is averaged over all")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
+    warmup_ratio: float = setting(0.1, "share of all steps spent warming the learning rate up")
+    schedule: str = setting("cosine", "cosine | linear | constant decay after warm-up")
+    max_grad_norm: float = setting(1.0, "gradient clipping threshold (0 = off)")
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, 1, None)
@@ -144,23 +193,23 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    out: str = _key("runs/default", "run directory: checkpoints, audit files, report")
-    seed: int = _key(0, "seeds noise injection, data order and sampling")
-    resume: str = _key("", "run directory to continue from its last checkpoint ('' = fresh)")
-    overwrite: bool = _key(
+    out: str = setting("runs/default", "run directory: checkpoints, audit files, report")
+    seed: int = setting(0, "seeds noise injection, data order and sampling")
+    resume: str = setting("", "run directory to continue from its last checkpoint ('' = fresh)")
+    overwrite: bool = setting(
         False,
         "let a fresh run start in a non-empty out= directory: its old contents are deleted once "
         "the new run's config, model and tokenizer check out (without it, such a run is refused)",
     )
-    term_grace: float = _key(
+    term_grace: float = setting(
         30.0,
         "seconds a scheduler waits between SIGTERM and SIGKILL (Slurm's KillWait defaults to 30): "
         "on SIGTERM the run checkpoints at the next step boundary if that fits, then stops",
     )
-    cache_dir: str = _key("", "reference log-prob cache ('' = <out>/cache)")
-    log_every: int = _key(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
-    save_every: int = _key(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
-    skip_nonfinite: bool = _key(
+    cache_dir: str = setting("", "reference log-prob cache ('' = <out>/cache)")
+    log_every: int = setting(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
+    save_every: int = setting(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
+    skip_nonfinite: bool = setting(
         False,
         "on a NaN/inf loss or gradient, skip that step (counted in metrics.jsonl "
         "n_skipped_nonfinite) instead of stopping the run at the last good checkpoint",
@@ -175,6 +224,7 @@ class RunSettings:
 SECTIONS = {
     "model": ModelSettings,
     "data": DataSettings,
+    "heldout": HeldoutSettings,
     "loss": LossSettings,
     "filter": FilterSettings,
     "optim": OptimSettings,
@@ -186,6 +236,7 @@ SECTIONS = {
 class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     filter: FilterSettings = field(default_factory=FilterSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

@@ -12,11 +12,13 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from ropo.config import KEYS, SECTIONS, RunConfig
+
+Settings = TypeVar("Settings")
 
 
 def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> RunConfig:
@@ -44,7 +46,7 @@ def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) 
 # Keys a resumed run may change: they do not alter what is computed (skip_nonfinite only
 # decides what a NaN/inf step does, so a run that stopped on one can go on past it).
 RESUMABLE_KEYS = ("resume", "out", "overwrite", "device", "log_every", "save_every",
-                  "skip_nonfinite", "term_grace")  # fmt: skip
+                  "skip_nonfinite", "term_grace", "save_dtype")  # fmt: skip
 
 
 def load_config(
@@ -89,6 +91,34 @@ def load_config(
                 f"{', '.join(RESUMABLE_KEYS)} may change)"
             )
     return build_config(values, origins)
+
+
+def load_settings(cls: type[Settings], overrides: list[str], command: str) -> Settings:
+    """A frozen settings dataclass of another command (`ropo generate`) from `key=value` words,
+    parsed, type-checked and reported as `ropo train`'s keys are; `command` names it in errors."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        where = f"command line '{item}'"
+        if not sep or not key:
+            raise ValueError(f"command line: expected key=value, got '{item}'")
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(
+                f"{where}: unknown key '{key}'{suggestion}; `{command} --help` lists them all"
+            )
+        value = _parse_yaml(raw, where) if raw != "" else ""
+        field = next(f for f in dataclasses.fields(cls) if f.name == key)
+        values[key], origins[key] = _coerce(key, value, field, where, owner=cls), where
+    try:
+        return cls(**values)
+    except ValueError as err:
+        bad_key = str(err).split("'")[1] if "'" in str(err) else ""
+        where = origins.get(bad_key, "")
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _check_resume_place(values: dict[str, Any], origins: dict[str, str], base: dict) -> None:
@@ -136,8 +166,10 @@ def _check_unique_keys(node: yaml.Node | None, where: str) -> None:
         first_lines[key_node.value] = line
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
-    expected = typing.get_type_hints(_owner_class(key))[key]
+def _coerce(
+    key: str, value: Any, f: dataclasses.Field, where: str, owner: type | None = None
+) -> Any:
+    expected = typing.get_type_hints(owner or _owner_class(key))[key]
     if isinstance(expected, types.UnionType):
         expected = next(t for t in typing.get_args(expected) if t is not type(None))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

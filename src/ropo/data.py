@@ -80,7 +80,7 @@ def load_pairs(
     report, pairs = DataReport(), []
     id_lines: dict[str, str] = {}  # id -> "file:line" that claimed it
     contents: set[str] = set()
-    for where, record in _read_records(path):
+    for where, record in read_records(path):
         report.read += 1
         try:
             messages, chosen, rejected, pair_id = PARSERS[format](record, where)
@@ -92,7 +92,7 @@ def load_pairs(
                 ) from None
             report.skip(skip.reason)
             continue
-        prompt = _render(messages, template, where)
+        prompt = render_prompt(messages, template, where)
         content = _content_hash(prompt, chosen, rejected)
         if format == "ultrafeedback" and content not in contents:
             pair_id = _unused(pair_id, id_lines)
@@ -115,32 +115,37 @@ def load_pairs(
     return pairs, report
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """("file:line", JSON object) for every non-blank line; bytes are decoded line by line so that
-    bad UTF-8 is reported with its line instead of failing inside the codec."""
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line; bytes are decoded line by line so that bad UTF-8 is
+    reported with its line instead of failing inside the codec."""
     with open(path, "rb") as file:
         for lineno, raw in enumerate(file, start=1):
-            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(
-                    f"{where}: not valid UTF-8 (byte {err.start} of the line)"
+                    f"{path}:{lineno}: not valid UTF-8 (byte {err.start} of the line)"
                 ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if _SURROGATE_ESCAPE.search(line) and not _is_unicode(record):
-                raise ValueError(
-                    f"{where}: a string holds a lone surrogate escape (\\ud800 to \\udfff without "
-                    "its pair), which is no Unicode character; fix or drop the line"
-                )
-            yield where, record
+
+
+def read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", JSON object) for every non-blank line."""
+    for lineno, line in decoded_lines(path):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if _SURROGATE_ESCAPE.search(line) and not _is_unicode(record):
+            raise ValueError(
+                f"{where}: a string holds a lone surrogate escape (\\ud800 to \\udfff without "
+                "its pair), which is no Unicode character; fix or drop the line"
+            )
+        yield where, record
 
 
 # json.loads accepts "\ud800" alone, but such a string cannot be encoded (tokenised, written) later.
@@ -155,7 +160,8 @@ def _is_unicode(record: dict) -> bool:
     return True
 
 
-def _render(messages: list[dict], template: str, where: str) -> str:
+def render_prompt(messages: list[dict], template: str, where: str) -> str:
+    """The prompt text of `messages` under the chat template; errors name `where` (file:line)."""
     try:
         prompt = format_chat(messages, template)
     except ValueError as err:

@@ -251,7 +251,10 @@ def _head_logps(head_weight: Tensor, hidden: Tensor, targets: Tensor, chunk_toke
     return torch.cat(parts)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: FSDP allocates its all-gather buffers at the first forward and
+# writes into them in every later one, which is impossible for tensors made in inference mode
+# (a policy scored before its first training step, as the held-out pairs at the start are).
+@torch.no_grad()
 def score_pairs(
     model: Transformer,
     pairs: Sequence[TokenizedPair],
@@ -265,7 +268,7 @@ def score_pairs(
     Pairs are scored in length order so that each batch pads to similar lengths; the result is in
     the order of `pairs`. `progress=False` hides the bar (every rank but one under torchrun).
     """
-    from tqdm.auto import tqdm  # progress bars only where the long passes run
+    from ropo.progress import progress_bar  # progress bars only where the long passes run
 
     was_training = model.training
     model.eval()
@@ -274,7 +277,7 @@ def score_pairs(
     parts: list[tuple[list[int], PairLogps]] = []
     starts = range(0, len(order), batch_size)
     hide = not progress or len(starts) < 4
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=hide):
+    for start in progress_bar(starts, desc=desc, unit="batch", leave=False, disable=hide):
         index = order[start : start + batch_size]
         batch = collate_pairs([pairs[i] for i in index], pad_id).to(device)
         parts.append((index, response_logps(model, batch)))

@@ -53,7 +53,7 @@ def sample_replacements(
         records.append(
             {
                 "id": pair.id,
-                "round": round_idx,
+                "round": round_idx + 1,  # the round after which it was sampled, from 1
                 "prompt_ids": list(pair.prompt_ids),
                 "chosen_ids": list(pair.chosen_ids),
                 "rejected_ids": list(pair.rejected_ids),

@@ -7,7 +7,6 @@ calls start_run, start_or_resume and save_final, and saves `checkpoint_state` in
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,15 @@ from ropo.checkpoint import latest_checkpoint, load_adapters, load_checkpoint
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
+from ropo.heldout import HeldoutPairs, heldout_inputs, prepare_heldout, split_heldout
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.config import read_model_config
+from ropo.models.export import TokenizerExport, write_tokenizer_files
 from ropo.models.llama import Transformer
-from ropo.models.load import save_weights
-from ropo.models.lora import apply_lora, merged_weights
+from ropo.models.load import checkpoint_dtype, save_weights
+from ropo.models.lora import apply_lora, is_adapter, merged_weights
+from ropo.models.peft_export import save_peft_adapters
 from ropo.presets import resolve_data, resolve_model
 from ropo.ref_cache import fingerprint_model_dir, fingerprint_pairs
 from ropo.resources import check_fits, check_memory
@@ -41,6 +43,7 @@ class Dataset:
     tokens: list[TokenizedPair]
     flips: dict[str, bool] | None
     summary: str
+    heldout: HeldoutPairs | None = None  # eval_data / eval_split: scored, never trained on
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Run:
     # whether another fits in the grace period.
     checkpoint_seconds: list[float] = field(default_factory=list)
 
+    @property
+    def tokenizer_files(self) -> TokenizerExport:
+        """How the run tokenised, written beside saved weights (final/ and checkpoints)."""
+        return TokenizerExport(self.tokenizer, self.cfg.data.template)
+
 
 @dataclass
 class LoopState:
@@ -73,6 +81,9 @@ class LoopState:
     kept_ids: list[str] | None = None  # None: every pair (round 0)
     sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
     n_skipped_nonfinite: int = 0  # steps not applied for a NaN/inf loss or gradient
+    # Held-out metrics of the policy before round 1, written with round 1's metrics line: kept
+    # here so that a run resumed within round 1 writes the same line.
+    eval_start: dict[str, float] = field(default_factory=dict)
 
 
 def start_run(cfg: RunConfig) -> Run:
@@ -100,8 +111,10 @@ def start_run(cfg: RunConfig) -> Run:
     data = prepare_data(cfg, tokenizer, out)
     if is_main():
         print(data.summary)
+        eval_ids = data.heldout.split_ids if data.heldout else []
+        data_fingerprint = fingerprint_pairs(data.tokens)
         audit.write_run_info(
-            out, identity, cfg.to_flat_dict(), fingerprint_pairs(data.tokens), data.summary
+            out, identity, cfg.to_flat_dict(), data_fingerprint, data.summary, eval_ids
         )
     step = StepSettings(
         tokenizer.pad_id, cfg.optim.max_grad_norm, device, DTYPES.get(cfg.model.autocast)
@@ -119,7 +132,7 @@ def identify_run(cfg: RunConfig, out: Path, model_dir: Path) -> run_dir.RunIdent
     verifies: every refusal comes before anything in the directory is written.
     """
     data_file, _ = resolve_data(cfg.data.data, cfg.data.format)
-    inputs = run_dir.input_fingerprints(model_dir, data_file)
+    inputs = run_dir.input_fingerprints(model_dir, data_file) | heldout_inputs(cfg)
     if not cfg.run.resume:
         if is_main() and cfg.run.overwrite:
             run_dir.clear(out)
@@ -156,6 +169,9 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
         report.skipped["beyond_max_pairs"] = len(pairs) - cfg.data.max_pairs  # counted, not silent
         pairs = pairs[: cfg.data.max_pairs]
+    pairs, split_off = split_heldout(pairs, cfg.heldout.eval_split, cfg.run.seed)  # before noise
+    if split_off:
+        report.skipped["held_out_for_eval"] = len(split_off)  # counted, not silent
     flips = None
     if cfg.data.noise > 0:
         pairs, flips = inject_noise(pairs, cfg.data.noise, cfg.run.seed)
@@ -168,7 +184,9 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     text = [pair for pair in pairs if pair.id in used]
     flips = {i: flips[i] for i in used} if flips is not None else None
     noise = f", {sum(flips.values())} labels flipped (noise={cfg.data.noise})" if flips else ""
-    return Dataset(text, tokens, flips, f"{path}: {report.summary()}{noise}")
+    heldout = prepare_heldout(cfg, tokenizer, split_off)
+    summary = f"{path}: {report.summary()}{noise}" + (f"\n{heldout.summary}" if heldout else "")
+    return Dataset(text, tokens, flips, summary, heldout)
 
 
 def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
@@ -194,10 +212,11 @@ def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopS
             f"resume: {checkpoint} (round {state.round_idx + 1}, epoch {state.epoch + 1}, "
             f"step {state.global_step})"
         )
-        audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] < state.round_idx)
-        audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] < state.round_idx)
+        # Rounds in the files count from 1; state.round_idx counts the rounds already done.
+        audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] <= state.round_idx)
+        audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] <= state.round_idx)
         audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
-        audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] < state.round_idx)
+        audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] <= state.round_idx)
     return policy, optimizer, state
 
 
@@ -230,11 +249,20 @@ def checkpoint_state(state: LoopState, run: Run) -> dict[str, Any]:
 
 
 def save_final(run: Run, policy: Transformer) -> None:
-    """<out>/final: the policy in plain Hugging Face layout (LoRA merged) and the tokenizer."""
+    """<out>/final: the policy in plain Hugging Face layout (LoRA merged) in `save_dtype` (default:
+    the input checkpoint's dtype), the tokenizer files that say how the run tokenised, and with
+    LoRA the adapters in PEFT's layout in final/adapter (a subfolder: transformers would take an
+    adapter_config.json in final/ itself for an adapter to load onto the base model)."""
     weights = distributed.gather_weights(policy)  # under FSDP every rank takes part
     if not is_main():
         return
-    if run.cfg.model.lora_rank:
-        weights = merged_weights(weights, run.cfg.model.lora_alpha / run.cfg.model.lora_rank)
-    save_weights(policy.config, weights, run.out / "final")
-    shutil.copy(run.model_dir / "tokenizer.model", run.out / "final" / "tokenizer.model")
+    cfg, final = run.cfg.model, run.out / "final"
+    if cfg.lora_rank:
+        adapters = {name: w for name, w in weights.items() if is_adapter(name)}
+        rank, alpha = cfg.lora_rank, cfg.lora_alpha
+        save_peft_adapters(final / "adapter", adapters, rank, alpha, run.model_dir)
+        weights = merged_weights(weights, alpha / rank)
+    dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype else checkpoint_dtype(run.model_dir)
+    # Cast on the way to the CPU, one tensor at a time: no second copy of the model on the GPU.
+    save_weights(policy.config, {name: w.to("cpu", dtype) for name, w in weights.items()}, final)
+    write_tokenizer_files(final, run.tokenizer_files, policy.config.max_position_embeddings)

@@ -17,6 +17,7 @@ from ropo.config import OptimSettings, RunConfig
 from ropo.data import TokenizedPair
 from ropo.distributed import rank_share, sum_over_ranks
 from ropo.faults import maybe_crash
+from ropo.filter.weights import keep_count
 from ropo.logps import PairLogps, collate_pairs, response_logps
 from ropo.loss import PreferenceLoss
 from ropo.models.llama import Transformer
@@ -66,6 +67,20 @@ def planned_steps(n_pairs: int, cfg: RunConfig) -> int:
     """
     pairs_per_step = cfg.optim.batch_size * cfg.optim.grad_accum
     return cfg.filter.rounds * cfg.optim.epochs * math.ceil(n_pairs / pairs_per_step)
+
+
+def steps_to_go(
+    n_pairs: int, n_train_pairs: int, round_idx: int, epoch: int, step_in_epoch: int, cfg: RunConfig
+) -> int:
+    """Optimizer steps left from (round_idx, epoch, step_in_epoch) while training on
+    `n_train_pairs` this round: for the progress line, not the schedule. Later rounds train on
+    the kept (1 - rho) N; pairs that rejection sampling will add are not known yet."""
+    pairs_per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    epochs = cfg.optim.epochs
+    this_round = (epochs - epoch) * math.ceil(n_train_pairs / pairs_per_step) - step_in_epoch
+    later_rounds = cfg.filter.rounds - round_idx - 1
+    kept = keep_count(n_pairs, cfg.filter.rho)
+    return this_round + later_rounds * epochs * math.ceil(kept / pairs_per_step)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimSettings) -> float:

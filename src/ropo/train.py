@@ -11,7 +11,6 @@ Setup, resume and the final save are in run_setup.py; rejection sampling is in r
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ropo import audit, distributed, interrupt, run_dir
-from ropo.checkpoint import save_checkpoint
 from ropo.config import RunConfig
 from ropo.data import TokenizedPair
 from ropo.distributed import is_main
+from ropo.evaluate import heldout_metrics
 from ropo.faults import maybe_crash
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
 from ropo.models.llama import Transformer
-from ropo.models.lora import has_lora
+from ropo.progress import RunProgress, progress_bar
 from ropo.ref_cache import RefLogps, reference_logps
 from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
-from ropo.run_setup import LoopState, Run, checkpoint_state, save_final, start_or_resume, start_run
+from ropo.run_setup import LoopState, Run, save_final, start_or_resume, start_run
+from ropo.saving import save, stop_for_sigterm
 from ropo.step import (
     StepStats,
     autocast,
@@ -39,8 +39,10 @@ from ropo.step import (
     learning_rate,
     pair_losses,
     planned_steps,
+    steps_to_go,
     train_step,
 )
+from ropo.summary import run_summary
 
 
 def train(cfg: RunConfig) -> Path:
@@ -54,23 +56,24 @@ def train(cfg: RunConfig) -> Path:
     if cfg.run.cache_dir:
         run_dir.check_writable_dir(Path(cfg.run.cache_dir), "cache_dir")
     with run_dir.locked(out):
+        start = time.perf_counter()
         run = start_run(cfg)
-        ref = reference(run)
+        ref = reference(run, run.data.tokens)
+        heldout_ref = reference(run, run.data.heldout.tokens) if run.data.heldout else None
         policy, optimizer, state = start_or_resume(run)
         ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
+        run_bar = RunProgress(cfg.filter.rounds, state.global_step, not is_main())
         try:
-            train_rounds(run, policy, optimizer, ref, state)
+            train_rounds(run, policy, optimizer, ref, state, heldout_ref, run_bar)
         except Interrupted as stop:
             stop.where = position(state, cfg)
             raise
+        finally:
+            run_bar.close()
         save_final(run, policy)
         if is_main():
-            if state.n_skipped_nonfinite:
-                print(f"skip_nonfinite: {state.n_skipped_nonfinite} steps skipped for a NaN/inf")
-            print(
-                f"done: {run.out}/final (model), {run.out}/pairs.jsonl, {run.out}/metrics.jsonl, "
-                f"{run.out}/cleaned.jsonl"
-            )
+            wall = time.perf_counter() - start
+            print(run_summary(run.out, run.data.summary, wall, state.n_skipped_nonfinite))
     distributed.teardown()
     return run.out
 
@@ -83,14 +86,15 @@ def position(state: LoopState, cfg: RunConfig) -> str:
     return f"in {where}, epoch {state.epoch + 1}, after global step {state.global_step}"
 
 
-def reference(run: Run) -> RefLogps:
-    """Reference log-probs of every pair: read from the cache, or computed once and cached."""
+def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
+    """Reference log-probs of `pairs` (training or held-out): read from the cache, or computed
+    once and cached."""
     # Several processes share the reference scoring; one reads or fills the cache alone.
     several = distributed.world_size() > 1
     with autocast(run.step.device, run.step.autocast):
         return (distributed.shared_reference_logps if several else reference_logps)(
             run.model_dir,
-            run.data.tokens,
+            pairs,
             run.cfg.run.cache_dir or run.out / "cache",
             run.cfg.optim.batch_size * 2,
             run.tokenizer.pad_id,
@@ -100,18 +104,35 @@ def reference(run: Run) -> RefLogps:
 
 
 def train_rounds(
-    run: Run, policy: Transformer, optimizer: torch.optim.Optimizer, ref: RefLogps, state: LoopState
+    run: Run,
+    policy: Transformer,
+    optimizer: torch.optim.Optimizer,
+    ref: RefLogps,
+    state: LoopState,
+    heldout_ref: RefLogps | None,
+    run_bar: RunProgress,
 ) -> None:
-    """The rounds of ROPO from where `state` stands: theta-step, w-step, optional resampling."""
+    """The rounds of ROPO from where `state` stands: theta-step, w-step, optional resampling;
+    the held-out pairs (if any) are scored at the start and after every round."""
     cfg, device = run.cfg, run.step.device
     by_id = {pair.id: pair for pair in run.data.tokens}
+    if state.global_step == 0:  # the policy is still the initial one
+        state.eval_start = evaluate_heldout(run, policy, heldout_ref, "held-out, start")
     for round_idx in range(state.round_idx, cfg.filter.rounds):
         kept = state.kept_ids if state.kept_ids is not None else list(by_id)
         train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
+        now_at = (round_idx, state.epoch, state.step_in_epoch)
+        to_go = steps_to_go(len(by_id), len(train_pairs), *now_at, cfg)
+        run_bar.set_total(state.global_step + to_go)
         for epoch in range(state.epoch, cfg.optim.epochs):
-            train_epoch(run, policy, optimizer, ref, state, train_pairs, round_idx, epoch)
+            steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
+            train_epoch(run, policy, optimizer, ref, state, steps, heldout_ref, run_bar)
+        extra = {"n_skipped_nonfinite": state.n_skipped_nonfinite}  # for the metrics line
+        extra |= evaluate_heldout(run, policy, heldout_ref, f"held-out, round {round_idx + 1}")
+        if round_idx == 0:  # the start values go into round 1's line (README)
+            extra |= {f"{key}_start": value for key, value in state.eval_start.items()}
         with autocast(device, run.step.autocast):
-            decision = end_of_round(run, policy, ref, round_idx, state.n_skipped_nonfinite)
+            decision = end_of_round(run, policy, ref, round_idx, extra)
         state.sampled = []
         if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
             with autocast(device, run.step.autocast):
@@ -122,33 +143,27 @@ def train_rounds(
         save(run, f"round-{round_idx + 1}", policy, optimizer, state)
 
 
-def save(
-    run: Run, name: str, policy: Transformer, optimizer: torch.optim.Optimizer, state: LoopState
-) -> None:
-    """save_checkpoint, timed: how long the last write took decides whether SIGTERM gets one."""
-    start = time.perf_counter()
-    save_checkpoint(run.out, name, policy, optimizer, checkpoint_state(state, run))
-    run.checkpoint_seconds.append(time.perf_counter() - start)
-
-
 def train_epoch(
     run: Run,
     policy: Transformer,
     optimizer: torch.optim.Optimizer,
     ref: RefLogps,
     state: LoopState,
-    train_pairs: list[TokenizedPair],
-    round_idx: int,
-    epoch: int,
+    steps: list[list[list[TokenizedPair]]],
+    heldout_ref: RefLogps | None,
+    run_bar: RunProgress,
 ) -> None:
-    """The theta-step for one epoch, from `state.step_in_epoch` on (a resumed run skips ahead)."""
+    """The theta-step for one epoch's `steps` (micro-batches of pairs), from
+    `state.step_in_epoch` on (a resumed run skips ahead); the held-out pairs are scored every
+    `eval_every` steps."""
     cfg = run.cfg
-    steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
     total_steps = planned_steps(len(run.data.tokens), cfg)
-    desc = f"round {round_idx + 1}/{cfg.filter.rounds} epoch {epoch + 1}/{cfg.optim.epochs}"
-    bar = tqdm(
-        total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step", disable=not is_main()
-    )
+    rounds, epochs = cfg.filter.rounds, cfg.optim.epochs
+    desc = f"round {state.round_idx + 1}/{rounds} epoch {state.epoch + 1}/{epochs}"
+    bar = progress_bar(
+        total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step",
+        disable=not is_main(), leave=False,
+    )  # fmt: skip
     # SIGTERM waits for the step boundary, where a checkpoint can be taken; under torchrun the
     # ranks could see it at different steps, so there it stops the process at once. The bar is
     # closed on the way out, so that an error or interrupt line starts a line of its own.
@@ -162,38 +177,18 @@ def train_epoch(
             bar.update(1)
             postfix = (stats.loss, stats.reward_accuracy, stats.margin)
             bar.set_postfix_str("loss={:.4f}, acc={:.2f}, margin={:.3f}".format(*postfix))
+            run_bar.step(state.round_idx + 1)
+            evaluation = {}
+            if cfg.heldout.eval_every and state.global_step % cfg.heldout.eval_every == 0:
+                desc = f"held-out, step {state.global_step}"
+                evaluation = evaluate_heldout(run, policy, heldout_ref, desc)
             if is_main():
-                log_step(run.out, state, stats, cfg.run.log_every)
+                log_step(run.out, state, stats, cfg.run.log_every, evaluation)
             if cfg.run.save_every and state.global_step % cfg.run.save_every == 0:
                 save(run, f"step-{state.global_step:07d}", policy, optimizer, state)
             if interrupt.pending():
                 stop_for_sigterm(run, policy, optimizer, state)
-    state.epoch, state.step_in_epoch = epoch + 1, 0
-
-
-def stop_for_sigterm(
-    run: Run, policy: Transformer, optimizer: torch.optim.Optimizer, state: LoopState
-) -> None:
-    """After a deferred SIGTERM: checkpoint this step boundary when the write fits in half the
-    scheduler's grace period (`term_grace`; the last write's time, or an estimate before the
-    first), then raise Interrupted."""
-    name = f"step-{state.global_step:07d}"
-    seconds = run.checkpoint_seconds[-1] if run.checkpoint_seconds else estimate_write(policy)
-    already = (run.out / "checkpoints" / name).is_dir()  # save_every just wrote it
-    if not already and seconds < run.cfg.run.term_grace / 2:
-        save(run, name, policy, optimizer, state)
-    elif not already and is_main():
-        print(f"SIGTERM: no checkpoint, it would take about {seconds:.0f} s (term_grace)")
-    raise Interrupted(signal.SIGTERM)
-
-
-def estimate_write(policy: Transformer) -> float:
-    """Seconds a checkpoint write would take at a cautious 200 MB/s: trainable weights with their
-    two AdamW moments in fp32, plus the frozen weights unless only adapters are saved (LoRA)."""
-    params = list(policy.parameters())
-    trainable = sum(p.numel() * (p.element_size() + 8) for p in params if p.requires_grad)
-    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-    return (trainable + (0 if has_lora(policy) else frozen)) / 200e6
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
 
 def check_step(stats: StepStats, state: LoopState, skip_nonfinite: bool, out: Path) -> None:
@@ -212,12 +207,12 @@ def check_step(stats: StepStats, state: LoopState, skip_nonfinite: bool, out: Pa
 
 
 def end_of_round(
-    run: Run, policy: Transformer, ref: RefLogps, round_idx: int, n_skipped_nonfinite: int
+    run: Run, policy: Transformer, ref: RefLogps, round_idx: int, extra: dict[str, Any]
 ) -> DropDecision:
     """The w-step: score every pair with the policy, keep the (1 - rho) N lowest-loss pairs.
 
-    Writes the round's audit lines, its metrics (with the run's count of skipped NaN/inf steps
-    so far) and the cleaned dataset (kept pairs).
+    Writes the round's audit lines, its metrics (with `extra`: the run's count of skipped NaN/inf
+    steps so far, the held-out metrics) and the cleaned dataset (kept pairs).
     """
     cfg, data, out = run.cfg, run.data, run.out
     ids = [pair.id for pair in data.tokens]
@@ -234,24 +229,47 @@ def end_of_round(
     decision = select_drops(ids, losses, cfg.filter.rho)  # the same on every rank
     if is_main():
         records = audit.pair_records(
-            round_idx, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
+            round_idx + 1, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
         )
-        extra = {"n_skipped_nonfinite": n_skipped_nonfinite}
-        metrics = audit.round_metrics(round_idx, records, decision, data.flips, extra)
+        metrics = audit.round_metrics(round_idx + 1, records, decision, data.flips, extra)
         audit.append_jsonl(out / "pairs.jsonl", records)
         audit.append_jsonl(out / "metrics.jsonl", [metrics])
-        audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids)
-        print(audit.format_metrics(metrics))
+        audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids, data.flips)
+        tqdm.write(audit.format_metrics(metrics))  # a line of its own, under the progress bars
     return decision
 
 
-def log_step(out: Path, state: LoopState, stats: StepStats, every: int) -> None:
-    """A train_log.jsonl line every `every` steps, and one for every skipped (NaN/inf) step."""
-    record: dict[str, Any] = {"step": state.global_step, "round": state.round_idx}
+def log_step(
+    out: Path, state: LoopState, stats: StepStats, every: int, evaluation: dict[str, float]
+) -> None:
+    """A train_log.jsonl line every `every` steps, one for every skipped (NaN/inf) step, and
+    one with the held-out `evaluation` whenever there is one (every eval_every steps)."""
+    record: dict[str, Any] = {"step": state.global_step, "round": state.round_idx + 1}
     if stats.skipped:
         record["skipped"] = stats.skipped  # its loss and norms are NaN: nothing to plot
     elif state.global_step % every == 0:
         record |= {key: value for key, value in vars(stats).items() if key != "skipped"}
-    else:
+    elif not evaluation:
         return
-    audit.append_jsonl(out / "train_log.jsonl", [record])
+    audit.append_jsonl(out / "train_log.jsonl", [record | evaluation])
+
+
+def evaluate_heldout(
+    run: Run, policy: Transformer, heldout_ref: RefLogps | None, desc: str
+) -> dict[str, float]:
+    """eval_accuracy, eval_margin (mean, nats) and eval_loss (DPO at the run's beta, whatever
+    loss trains) of the policy on the held-out pairs (evaluate.py); {} when there are none."""
+    if heldout_ref is None:
+        return {}
+    pairs = run.data.heldout.tokens
+    with autocast(run.step.device, run.step.autocast):
+        scores = distributed.score_everywhere(  # under torchrun every rank takes part
+            policy, pairs, run.cfg.optim.batch_size * 2, run.step.pad_id, desc=desc
+        )
+    reference = heldout_ref.lookup([pair.id for pair in pairs])
+    metrics = heldout_metrics(scores, reference, run.cfg.loss.beta)
+    return {
+        "eval_accuracy": metrics.accuracy,
+        "eval_margin": metrics.margin_mean,
+        "eval_loss": metrics.loss_mean,
+    }

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from ropo.data import TokenizedPair
 from ropo.faults import maybe_crash
 from ropo.logps import PairLogps, collate_sequences, sequence_logps
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
+from ropo.progress import progress_bar
 
 
 @dataclass
@@ -55,7 +55,7 @@ def rejection_sample(
     unique = list({pair.prompt_ids: pair for pair in dropped}.values())
     pairs, picked_policy, picked_ref = [], [], []
     skipped = {"identical_samples": 0}
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(unique), prompts_per_batch),
         desc="rejection sampling",
         unit="batch",

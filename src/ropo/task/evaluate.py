@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ropo import evaluate as heldout
 from ropo.data import PreferencePair, tokenize_pairs
 from ropo.filter.detection import auroc, drop_precision_recall
 from ropo.logps import PairLogps, score_pairs
@@ -86,12 +87,12 @@ def heldout_logps(
 
 
 def preference_accuracy(policy: PairLogps, reference: PairLogps) -> float:
-    """Share of pairs with implicit-reward margin (policy - reference, chosen - rejected) > 0.
+    """Share of pairs with implicit-reward margin (policy - reference, chosen - rejected) > 0,
+    computed as `ropo eval` and the held-out evaluation of `ropo train` do (ropo/evaluate.py).
 
     A tie counts as wrong, so the reference scored against itself gets 0, not 1/2.
     """
-    margins = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
-    return (margins > 0).float().mean().item()
+    return heldout.preference_accuracy(heldout.implicit_margins(policy, reference))
 
 
 def mean(values: Sequence[Sequence[float]] | Sequence[Sequence[bool]]) -> float:

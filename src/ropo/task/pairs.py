@@ -10,10 +10,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ropo.data import PreferencePair
 from ropo.models import Tokenizer, Transformer, generate
+from ropo.progress import progress_bar
 from ropo.task.sorting import gold_reward
 
 
@@ -48,7 +48,7 @@ def sample_responses(
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
     prompt_ids = [tokenizer.encode_prompt_response(p, "")[0] for p in prompts]
     responses: list[list[str]] = []
-    for start in tqdm(range(0, len(prompts), prompts_per_batch), desc=desc, unit="batch"):
+    for start in progress_bar(range(0, len(prompts), prompts_per_batch), desc=desc, unit="batch"):
         batch = [ids for ids in prompt_ids[start : start + prompts_per_batch] for _ in range(k)]
         new_ids = generate(
             model,

@@ -75,7 +75,7 @@ def plot_filtering(results: dict[str, Any], path: Path) -> bool:
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key in zip(axes, ("drop_precision", "drop_recall"), strict=True):
         for run in runs:
-            rounds = [r["round"] + 1 for r in run["rounds"]]
+            rounds = [r["round"] for r in run["rounds"]]
             ax.plot(
                 rounds,
                 [r[key] for r in run["rounds"]],

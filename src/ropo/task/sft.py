@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ropo.logps import collate_sequences, sequence_logps
 from ropo.models import ModelConfig, Tokenizer, Transformer, save_model
+from ropo.progress import progress_bar
 
 
 def tiny_llama_config(
@@ -78,7 +78,7 @@ def train_sft(
     warmup = max(1, steps // 20)
     losses = []
     model.train()
-    for step in (bar := tqdm(range(steps), desc="sft", unit="step")):
+    for step in (bar := progress_bar(range(steps), desc="sft", unit="step")):
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
