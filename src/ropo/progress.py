@@ -127,8 +127,8 @@ class RunProgress:
 
     def step(self, round_number: int) -> None:
         self.done += 1
-        self.bar.update(1)
         self.bar.set_postfix_str(f"round {round_number}/{self.rounds}, ETA {self.eta()}")
+        self.bar.update(1)  # after the postfix: a plain line printed here shows the new one
 
     def eta(self) -> str:
         taken = self.done - self.first

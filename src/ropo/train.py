@@ -174,9 +174,9 @@ def train_epoch(
             check_step(stats, state, cfg.run.skip_nonfinite, run.out)
             state.global_step += 1
             state.step_in_epoch = step_idx + 1
-            bar.update(1)
             postfix = (stats.loss, stats.reward_accuracy, stats.margin)
             bar.set_postfix_str("loss={:.4f}, acc={:.2f}, margin={:.3f}".format(*postfix))
+            bar.update(1)
             run_bar.step(state.round_idx + 1)
             evaluation = {}
             if cfg.heldout.eval_every and state.global_step % cfg.heldout.eval_every == 0:
