@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,19 +57,24 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def write_synthetic_pairs(path: Path, n: int, seed: int = 0) -> Path:
+def synthetic_records(n: int, seed: int = 0) -> Iterator[dict]:
     """Pairs whose chosen response repeats the prompt's first word: a learnable preference."""
     rng = random.Random(seed)
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(3)]
+        other = rng.choice([w for w in WORDS if w != words[0]])
+        yield {
+            "id": f"p{i}",
+            "prompt": "Question: " + " ".join(words) + " Answer:",
+            "chosen": f" {words[0]} {words[0]}",
+            "rejected": f" {other} {other}",
+        }
+
+
+def write_synthetic_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """A JSONL file of `synthetic_records`."""
     with open(path, "w", encoding="utf-8") as handle:
-        for i in range(n):
-            words = [rng.choice(WORDS) for _ in range(3)]
-            other = rng.choice([w for w in WORDS if w != words[0]])
-            record = {
-                "id": f"p{i}",
-                "prompt": "Question: " + " ".join(words) + " Answer:",
-                "chosen": f" {words[0]} {words[0]}",
-                "rejected": f" {other} {other}",
-            }
+        for record in synthetic_records(n, seed):
             handle.write(json.dumps(record) + "\n")
     return path
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import WORDS, read_jsonl
+from conftest import WORDS, read_jsonl, synthetic_records
 from model_fixtures import max_diff
 from ropo.audit import export_cleaned
 from ropo.config_load import load_config
@@ -169,19 +169,9 @@ def test_save_dtype_is_checked() -> None:
 
 def write_plain_pairs(path: Path, n: int) -> Path:
     """Plain records with fields ropo does not read, which cleaned.jsonl must keep."""
-    rng = random.Random(1)
     with open(path, "w", encoding="utf-8") as handle:
-        for i in range(n):
-            words = [rng.choice(WORDS) for _ in range(3)]
-            other = rng.choice([w for w in WORDS if w != words[0]])
-            record = {
-                "id": f"p{i}",
-                "prompt": "Question: " + " ".join(words) + " Answer:",
-                "chosen": f" {words[0]} {words[0]}",
-                "rejected": f" {other} {other}",
-                "annotator": "größe ✓",
-                "meta": {"row": i, "tags": ["a", "b"]},
-            }
+        for i, record in enumerate(synthetic_records(n, seed=1)):
+            record |= {"annotator": "größe ✓", "meta": {"row": i, "tags": ["a", "b"]}}
             handle.write(json.dumps(record, ensure_ascii=i % 2 == 0) + "\n")
     return path
 
