@@ -15,17 +15,20 @@ from ropo.filter import (
     reward_accuracy,
     select_drops,
 )
+from ropo.logps import PairLogps
+from ropo.loss import get_loss
+from ropo.step import pair_losses
 
-# Ten pairs. Sorted by loss: p7 0.05, p1 0.1, p4 0.3, p2 0.5, p9 0.6, p6 0.7, p0 0.9 | p5 1.2,
-# p3 2.0, p8 3.0. With ρ = 0.3 we keep (1 − 0.3)·10 = 7 and drop the three largest: p5, p3, p8.
+# Ten pairs. Sorted by margin: p7 0.05, p1 -0.1, p4 -0.3, p2 -0.5, p9 -0.6, p6 -0.7, p0 -0.9 |
+# p5 -1.2, p3 -2.0, p8 -3.0. With ρ = 0.3 we keep (1 − 0.3)·10 = 7 and drop the three lowest.
 IDS = [f"p{i}" for i in range(10)]
-LOSSES = [0.9, 0.1, 0.5, 2.0, 0.3, 1.2, 0.7, 0.05, 3.0, 0.6]
+MARGINS = [-0.9, -0.1, -0.5, -2.0, -0.3, -1.2, -0.7, 0.05, -3.0, -0.6]
 
 
-def test_worked_example_keeps_the_seven_lowest() -> None:
-    decision = select_drops(IDS, torch.tensor(LOSSES), drop_rate=0.3)
+def test_worked_example_keeps_the_seven_highest_margins() -> None:
+    decision = select_drops(IDS, torch.tensor(MARGINS), drop_rate=0.3)
     assert decision.n_keep == 7
-    assert decision.dropped_ids == ("p3", "p5", "p8")  # input order, not loss order
+    assert decision.dropped_ids == ("p3", "p5", "p8")  # input order, not margin order
     assert decision.kept_ids == ("p0", "p1", "p2", "p4", "p6", "p7", "p9")
     assert decision.ids == tuple(IDS)
     assert decision.weights.tolist() == [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
@@ -34,8 +37,8 @@ def test_worked_example_keeps_the_seven_lowest() -> None:
 
 
 def test_weights_are_detached_from_a_graph() -> None:
-    losses = torch.tensor(LOSSES, requires_grad=True)
-    decision = select_drops(IDS, losses * 2, drop_rate=0.3)
+    margins = torch.tensor(MARGINS, requires_grad=True)
+    decision = select_drops(IDS, margins * 2, drop_rate=0.3)
     assert not decision.weights.requires_grad
     assert decision.weights.grad_fn is None
 
@@ -59,7 +62,7 @@ def test_keep_count_rounds_half_up(n_pairs: int, drop_rate: float, want: int) ->
 
 
 def test_ties_are_broken_by_id_whatever_the_input_order() -> None:
-    # Four equal losses, keep 2: the tie goes to the smaller ids, "a" and "b".
+    # Four equal margins, keep 2: the tie goes to the smaller ids, "a" and "b".
     ids = ["d", "b", "a", "c"]
     decision = select_drops(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]), drop_rate=0.5)
     assert set(decision.kept_ids) == {"a", "b"}
@@ -67,31 +70,32 @@ def test_ties_are_broken_by_id_whatever_the_input_order() -> None:
 
     # Shuffled inputs with ties across the keep boundary always keep the same ids.
     ids = [f"q{i:02d}" for i in range(12)]
-    losses = [0.5, 0.2, 0.5, 0.9, 0.5, 0.2, 0.5, 0.1, 0.5, 0.9, 0.5, 0.2]
-    want = set(select_drops(ids, torch.tensor(losses), drop_rate=0.5).kept_ids)
+    margins = [-0.5, -0.2, -0.5, -0.9, -0.5, -0.2, -0.5, -0.1, -0.5, -0.9, -0.5, -0.2]
+    want = set(select_drops(ids, torch.tensor(margins), drop_rate=0.5).kept_ids)
     rng = random.Random(0)
     for _ in range(20):
         order = list(range(12))
         rng.shuffle(order)
         decision = select_drops(
-            [ids[i] for i in order], torch.tensor([losses[i] for i in order]), drop_rate=0.5
+            [ids[i] for i in order], torch.tensor([margins[i] for i in order]), drop_rate=0.5
         )
         assert set(decision.kept_ids) == want
-    # keep 6: q07 (0.1), q01 q05 q11 (0.2), then the two smallest ids among the 0.5s: q00, q02
+    # keep 6: q07 (-0.1), q01 q05 q11 (-0.2), then the two smallest ids among the -0.5s: q00, q02
     assert want == {"q07", "q01", "q05", "q11", "q00", "q02"}
 
 
 def test_drop_rate_zero_keeps_everything() -> None:
-    decision = select_drops(IDS, torch.tensor(LOSSES), drop_rate=0.0)
+    decision = select_drops(IDS, torch.tensor(MARGINS), drop_rate=0.0)
     assert decision.dropped_ids == ()
     assert decision.weights.tolist() == [1.0] * 10
 
 
 def test_hard_weights_solve_the_linear_program() -> None:
-    # min Σ w_i ℓ_i s.t. Σ w_i = 4, 0 ≤ w_i ≤ 1: no 0/1 choice and no fractional w does better.
+    # min Σ w_i ℓ_i s.t. Σ w_i = 4, 0 ≤ w_i ≤ 1, with ℓ_i any loss decreasing in the margin (here
+    # ℓ = −Δ): no 0/1 choice and no fractional w does better.
     losses = torch.tensor([0.7, -0.2, 1.5, 0.3, 0.3, 2.2], dtype=torch.float64)
     ids = [f"r{i}" for i in range(6)]
-    decision = select_drops(ids, losses, drop_rate=1 / 3)
+    decision = select_drops(ids, -losses, drop_rate=1 / 3)
     ours = (decision.weights.double() * losses).sum().item()
     best = min(sum(losses[list(c)].tolist()) for c in itertools.combinations(range(6), 4))
     assert ours == pytest.approx(best)  # −0.2 + 0.3 + 0.3 + 0.7 = 1.1
@@ -104,16 +108,16 @@ def test_hard_weights_solve_the_linear_program() -> None:
             assert (w * losses).sum().item() >= ours - 1e-12
 
 
-def test_non_finite_losses_are_named() -> None:
-    losses = torch.tensor([0.1, math.nan, 0.3, math.inf])
+def test_non_finite_margins_are_named() -> None:
+    margins = torch.tensor([0.1, math.nan, 0.3, math.inf])
     with pytest.raises(ValueError, match=r"2 pair\(s\).*\['b', 'd'\]"):
-        select_drops(["a", "b", "c", "d"], losses, drop_rate=0.25)
+        select_drops(["a", "b", "c", "d"], margins, drop_rate=0.25)
 
 
 @pytest.mark.parametrize("drop_rate", [1.0, -0.1, 1.5, math.nan])
 def test_bad_drop_rate(drop_rate: float) -> None:
     with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\)"):
-        select_drops(IDS, torch.tensor(LOSSES), drop_rate=drop_rate)
+        select_drops(IDS, torch.tensor(MARGINS), drop_rate=drop_rate)
     with pytest.raises(ValueError, match="drop_rate"):
         keep_count(10, drop_rate)
 
@@ -213,3 +217,22 @@ def test_reward_accuracy_counts_ties_as_wrong() -> None:
     assert reward_accuracy([0.0, 0.0]) == 0.0
     assert reward_accuracy([1e-9]) == 1.0
     assert math.isnan(reward_accuracy([]))
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "ipo", "cdpo", "rdpo", "ropo"])
+def test_every_loss_drops_the_pair_it_contradicts_most(loss_name: str) -> None:
+    # The w-step as train.end_of_round runs it. Policy margins −5, 0, 5, 100 over a reference at 0:
+    # "a" is the pair the policy contradicts most, "d" the one it agrees with most. IPO's loss
+    # (Δ − 1/(2β))² is largest at "d", and so is cDPO's once t > ln((1−ε)/ε); ranking by those
+    # losses would drop the most confidently correct pair. Ranking by the margin drops "a".
+    loss_fn = get_loss(loss_name, beta=0.1)
+    tokens = torch.ones(4)
+    policy = PairLogps(torch.tensor([-5.0, 0.0, 5.0, 100.0]), torch.zeros(4), tokens, tokens)
+    reference = PairLogps(torch.zeros(4), torch.zeros(4), tokens, tokens)
+    losses, margins = pair_losses(loss_fn, policy, reference)
+    decision = select_drops(["a", "b", "c", "d"], margins, drop_rate=0.25)
+    assert decision.dropped_ids == ("a",)
+    if loss_name in ("ipo", "cdpo"):  # the trap the margin avoids
+        assert losses.argmax().item() == 3
+    else:
+        assert losses.argmax().item() == 0

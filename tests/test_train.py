@@ -81,7 +81,7 @@ def test_ropo_run_writes_the_documented_audit(
         assert min(dropped_losses) >= max(r["loss"] for r in kept)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2, 3]
-    for key in ("drop_precision", "drop_recall", "loss_auroc_flipped", "reward_accuracy"):
+    for key in ("drop_precision", "drop_recall", "flip_auroc", "reward_accuracy"):
         assert key in metrics[-1]
     cleaned, _ = load_pairs(out / "cleaned.jsonl")
     assert len(cleaned) == 36

@@ -149,7 +149,7 @@ def round_metrics(
                 "n_flipped": int(flipped.sum()),
                 "drop_precision": precision,
                 "drop_recall": recall,
-                "loss_auroc_flipped": auroc(losses.tolist(), flipped.tolist()),
+                "flip_auroc": auroc((-margins).tolist(), flipped.tolist()),
                 "reward_accuracy_clean": reward_accuracy(margins[~flipped]),
                 "reward_accuracy_flipped": reward_accuracy(margins[flipped]),
             }
@@ -196,7 +196,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         "eval_accuracy",
         "drop_precision",
         "drop_recall",
-        "loss_auroc_flipped",
+        "flip_auroc",
     ]
     parts = [f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics]
     return f"round {metrics['round']}: " + " ".join(parts)

@@ -151,7 +151,7 @@ class LossSettings:
 @dataclass(frozen=True)
 class FilterSettings:
     rounds: int = setting(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
-    rho: float = setting(0.2, "share of pairs dropped after each round (the highest-loss ones)")
+    rho: float = setting(0.2, "share of pairs dropped after each round (lowest margin = highest ROPO loss)")
     rejection_sampling: bool = setting(
         False, "replace dropped pairs by pairs sampled from the policy"
     )

@@ -45,10 +45,10 @@ def _round_line(metrics: dict[str, Any]) -> str:
         parts.append(f"eval accuracy {_number(metrics['eval_accuracy'])}")
     if "drop_precision" in metrics:
         precision, recall = metrics["drop_precision"], metrics["drop_recall"]
-        auroc = metrics["loss_auroc_flipped"]
+        auroc = metrics["flip_auroc"]
         parts.append(
             f"dropped flips: precision {_number(precision)}, recall {_number(recall)}, "
-            f"loss AUROC {_number(auroc)}"
+            f"flip AUROC {_number(auroc)}"
         )
     return "; ".join(parts)
 

@@ -2,7 +2,7 @@
 
     config -> tokenizer and data (+ injected noise) -> policy and reference log-prob cache
     for each round:  train on the kept pairs (+ sampled pairs) with the chosen loss  (theta-step)
-                     score every pair with the policy, keep the lowest-loss (1 - rho) N  (w-step)
+                     score every pair with the policy, keep the highest-margin (1 - rho) N  (w-step)
                      write the audit; optionally sample new pairs for dropped prompts
 `loss=dpo rounds=1 rho=0` is plain DPO through the same code. Under torchrun every process runs
 this same loop; distributed.py shards the model, the steps and the scoring, and rank 0 writes.
@@ -209,7 +209,8 @@ def check_step(stats: StepStats, state: LoopState, skip_nonfinite: bool, out: Pa
 def end_of_round(
     run: Run, policy: Transformer, ref: RefLogps, round_idx: int, extra: dict[str, Any]
 ) -> DropDecision:
-    """The w-step: score every pair with the policy, keep the (1 - rho) N lowest-loss pairs.
+    """The w-step: score every pair with the policy, keep the (1 - rho) N highest-margin pairs
+    (for ROPO and DPO: the lowest-loss ones; filter/weights.py says why the margin).
 
     Writes the round's audit lines, its metrics (with `extra`: the run's count of skipped NaN/inf
     steps so far, the held-out metrics) and the cleaned dataset (kept pairs).
@@ -225,8 +226,8 @@ def end_of_round(
     )
     reference = ref.lookup(ids)
     with torch.no_grad():
-        losses, _ = pair_losses(run.loss_fn, scores, reference)
-    decision = select_drops(ids, losses, cfg.filter.rho)  # the same on every rank
+        losses, margins = pair_losses(run.loss_fn, scores, reference)
+    decision = select_drops(ids, margins, cfg.filter.rho)  # the same on every rank
     if is_main():
         records = audit.pair_records(
             round_idx + 1, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips

@@ -1,7 +1,7 @@
 """The w-step and its audit: which pairs to keep, and how well the drops match injected flips.
 
 Public interface:
-    select_drops(ids, losses, drop_rate) -> DropDecision (0/1 weights summing to n_keep)
+    select_drops(ids, margins, drop_rate) -> DropDecision (0/1 weights summing to n_keep)
     keep_count(n_pairs, drop_rate)       -> round-half-up (1 − ρ)·N
     drop_precision_recall, auroc, reward_accuracy -> floats for the audit log
 """

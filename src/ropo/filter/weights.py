@@ -1,7 +1,8 @@
 """The w-step: with the policy fixed, choose which pairs the next round trains on.
 
-Stage: loss → **filter** → sampling → audit. In: one loss per pair over the whole data set (gathered
-from every rank), keyed by pair id. Out: a DropDecision holding 0/1 weights that sum to n_keep.
+Stage: loss → **filter** → sampling → audit. In: one margin per pair over the whole data set
+(gathered from every rank), keyed by pair id. Out: a DropDecision holding 0/1 weights that sum
+to n_keep.
 """
 
 import math
@@ -64,31 +65,35 @@ def keep_count(n_pairs: int, drop_rate: float) -> int:
 
 
 @torch.no_grad()
-def select_drops(ids: Sequence[str], losses: Tensor, drop_rate: float) -> DropDecision:
-    """Keep the keep_count(N, ρ) pairs with the lowest loss; `losses` is (N,), aligned with `ids`.
+def select_drops(ids: Sequence[str], margins: Tensor, drop_rate: float) -> DropDecision:
+    """Keep the keep_count(N, ρ) pairs with the highest margin Δ; `margins` (N,) aligns with `ids`.
 
-    Solves min_w Σ w_i·ℓ_i s.t. Σ w_i = (1 − ρ)·N, 0 ≤ w_i ≤ 1: a linear program whose optimum is
-    0/1 (method.md, "The problem"). Ties go by loss, then by id, so every rank reaches the same
-    decision whatever the input order. The returned weights sum to n_keep (not 1, not N).
+    The paper keeps the lowest-loss pairs: min_w Σ w_i·ℓ_i s.t. Σ w_i = (1 − ρ)·N, 0 ≤ w_i ≤ 1, a
+    linear program whose optimum is 0/1 (method.md, "The problem"). For ROPO and DPO the loss is
+    strictly decreasing in Δ, so ranking by Δ keeps exactly those pairs. It also stays right for
+    the losses that are not monotone in Δ: IPO's (Δ − 1/(2β))² and cDPO's (once t > ln((1−ε)/ε))
+    grow again for confidently correct pairs, and ranking by them would drop those first. Ties go by
+    Δ, then by id, so every rank reaches the same decision whatever the input order. The returned
+    weights sum to n_keep (not 1, not N).
     """
     _check_drop_rate(drop_rate)
     ids = tuple(ids)
-    losses = torch.as_tensor(losses)
-    if losses.dim() != 1 or losses.numel() != len(ids):
+    margins = torch.as_tensor(margins)
+    if margins.dim() != 1 or margins.numel() != len(ids):
         raise ValueError(
-            f"losses must have shape ({len(ids)},), one per id; got {tuple(losses.shape)}"
+            f"margins must have shape ({len(ids)},), one per id; got {tuple(margins.shape)}"
         )
     if len(set(ids)) != len(ids):
         repeated = sorted(pid for pid, count in Counter(ids).items() if count > 1)
         raise ValueError(f"pair ids must be unique; repeated: {repeated[:10]}")
     # float64 on CPU holds every float32/bf16 value exactly, so the order is the tensor's order.
-    values = losses.detach().to("cpu", torch.float64).tolist()
+    values = margins.detach().to("cpu", torch.float64).tolist()
     non_finite = [pid for pid, value in zip(ids, values, strict=True) if not math.isfinite(value)]
     if non_finite:
-        raise ValueError(f"non-finite loss for {len(non_finite)} pair(s), e.g. {non_finite[:10]}")
+        raise ValueError(f"non-finite margin for {len(non_finite)} pair(s), e.g. {non_finite[:10]}")
 
     n_keep = keep_count(len(ids), drop_rate)
-    order = sorted(range(len(ids)), key=lambda i: (values[i], ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))
     weights = torch.zeros(len(ids), dtype=torch.float32)
     weights[torch.tensor(order[:n_keep], dtype=torch.long)] = 1.0
     return DropDecision(ids=ids, weights=weights, n_keep=n_keep)
