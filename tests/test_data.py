@@ -21,6 +21,7 @@ from ropo.data import (
     tokenize_pairs,
     write_pairs_jsonl,
 )
+from ropo.models.chat_format import ChatFormat
 from ropo.models.tokenizer import Tokenizer
 from tokenizer_fixtures import tiny_tokenizer
 
@@ -88,7 +89,7 @@ def test_plain_chat_messages(tmp_path: Path) -> None:
             "rejected": [{"role": "assistant", "content": "Milan"}],
         },
     ]
-    pairs, _ = load_pairs(write_jsonl(tmp_path / "c.jsonl", lines), template="llama2-chat")
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "c.jsonl", lines), chat=ChatFormat("llama2-chat"))
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
         ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nCapital of France? [/INST]", "Paris", "Lyon"),
         ("[INST] Capital of France? [/INST]", "Paris.", "Rome."),
@@ -116,10 +117,10 @@ def test_ultrafeedback_ids_repeats_and_duplicates(tmp_path: Path) -> None:
         uf_row("b2", "Kiwi", "Kiwi"),
     ]
     path = write_jsonl(tmp_path / "uf.jsonl", rows)
-    pairs, report = load_pairs(path, format="ultrafeedback", template="mistral-instruct")
-    assert [(p.id, p.prompt, p.chosen) for p in pairs] == [
-        ("a1", "[INST] Name a fruit. [/INST]", "Apple"),
-        ("a1#2", "[INST] Name a fruit. [/INST]", "Pear"),
+    pairs, report = load_pairs(path, "ultrafeedback", ChatFormat("mistral-instruct"))
+    assert [(p.id, p.prompt, p.chosen) for p in pairs] == [  # answers after a space, as Mistral's
+        ("a1", "[INST] Name a fruit. [/INST]", " Apple"),
+        ("a1#2", "[INST] Name a fruit. [/INST]", " Pear"),
     ]
     assert report.skipped == {"duplicate_pair": 1, "identical_responses": 1}
     assert report.summary() == (
@@ -243,8 +244,6 @@ def test_file_level_errors(tmp_path: Path) -> None:
             load_pairs(tmp_path / "empty.jsonl")
     with pytest.raises(ValueError, match="unknown data format"):
         load_pairs(write_jsonl(tmp_path / "g.jsonl", [GOOD]), format="csv")
-    with pytest.raises(ValueError, match="unknown chat template"):
-        load_pairs(tmp_path / "g.jsonl", template="chatml")
 
 
 def test_skips_are_counted(tmp_path: Path) -> None:

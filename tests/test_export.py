@@ -24,10 +24,11 @@ from ropo.audit import export_cleaned
 from ropo.config_load import load_config
 from ropo.data import load_pairs
 from ropo.models import generate, load_model, load_tokenizer, save_model
-from ropo.models.export import TOKENIZER_FILES, TokenizerExport, write_tokenizer_files
+from ropo.models.chat_format import ChatFormat, load_chat_format
+from ropo.models.chat_templates import TEMPLATES, format_chat
+from ropo.models.export import SPM_FILES, TokenizerExport, write_tokenizer_files
 from ropo.models.load import checkpoint_dtype
 from ropo.models.peft_export import peft_name
-from ropo.models.tokenizer import TEMPLATES, format_chat
 from test_faults import ropo_train
 
 transformers = pytest.importorskip("transformers")
@@ -82,7 +83,8 @@ def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     folders = {}
     for template in TEMPLATES:
         folders[template] = tmp_path_factory.mktemp(f"export-{template}")
-        write_tokenizer_files(folders[template], TokenizerExport(tokenizer, template), 256)
+        export = TokenizerExport(tokenizer, ChatFormat(template))
+        write_tokenizer_files(folders[template], export, 256)
     return folders
 
 
@@ -115,6 +117,7 @@ def test_chat_template_renders_the_prompts_ropo_trained_on(
     template: str, exported: dict[str, Path], tiny_model_dir: Path
 ) -> None:
     ours, hf = load_tokenizer(tiny_model_dir), hf_tokenizer(exported[template])
+    chat = ChatFormat(template)
     for messages in CONVERSATIONS:
         prompt = format_chat(messages, template)
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -124,8 +127,9 @@ def test_chat_template_renders_the_prompts_ropo_trained_on(
         for response in (" apple", "apple", "\napple "):  # a final answer: the training text
             answered = messages + [{"role": "assistant", "content": response}]
             text = hf.apply_chat_template(answered, tokenize=False)
-            ids = sum(ours.encode_prompt_response(prompt, response), [])
+            ids = sum(chat.encode(ours, prompt, chat.response(messages, response)), [])
             assert hf(text, add_special_tokens=False).input_ids == ids, (messages, response)
+    assert load_chat_format(exported[template], "auto", ours) == chat  # a final/ reads back
 
 
 @pytest.mark.parametrize(
@@ -248,10 +252,10 @@ def test_final_loads_in_transformers_and_decodes_greedily_as_ropo(lora_run: Path
 
 def test_final_and_checkpoints_carry_the_tokenizer_files(plain_run: Path) -> None:
     final, checkpoint = plain_run / "final", plain_run / "checkpoints" / "round-1"
-    for name in TOKENIZER_FILES:
+    for name in SPM_FILES:
         assert (final / name).read_bytes() == (checkpoint / name).read_bytes(), name
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    assert set(TOKENIZER_FILES) <= set(manifest["files"])  # checked on resume like the weights
+    assert set(SPM_FILES) <= set(manifest["files"])  # checked on resume like the weights
     config = json.loads((final / "tokenizer_config.json").read_text())
     assert (config["add_bos_token"], config["add_eos_token"], config["legacy"]) == (1, 0, 1)
     assert config["model_max_length"] == 256  # max_position_embeddings, not the run's max_length

@@ -27,8 +27,9 @@ from ropo.generate_config import GenerateSettings
 from ropo.generate_layouts import Response
 from ropo.generate_prompts import PromptRecord, read_prompts
 from ropo.models import load_model, load_tokenizer
+from ropo.models.chat_format import PLAIN, ChatFormat
+from ropo.models.chat_templates import format_chat
 from ropo.models.sample import generate
-from ropo.models.tokenizer import format_chat
 
 # Four lengths and a blank line: with batch_size=3 one batch pads three different lengths.
 TEXT_PROMPTS = (
@@ -123,7 +124,8 @@ def test_greedy_tokens_equal_transformers_greedy(eos_model_dir: Path, tmp_path: 
     tokenizer = load_tokenizer(eos_model_dir)
     records = read_prompts(prompts_file, multi_turn=False).records
     cfg = settings(model=str(eos_model_dir), prompts="-", out="-", batch_size=3)
-    conversations = answer(load_model(eos_model_dir), tokenizer, records, cfg, GenerationStats())
+    model = load_model(eos_model_dir)
+    conversations = answer(model, tokenizer, PLAIN, records, cfg, GenerationStats())
     ours = [list(c.responses[0].token_ids) for c in conversations]
     lines = [line for line in TEXT_PROMPTS.splitlines() if line]
     assert ours == transformers_greedy(eos_model_dir, [prompt_ids(tokenizer, p) for p in lines])
@@ -145,7 +147,7 @@ def test_prompt_ids_are_those_of_training(tiny_model_dir: Path, tmp_path: Path) 
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     tokenizer = load_tokenizer(tiny_model_dir)
     for template in ("plain", "llama2-chat", "mistral-instruct"):
-        pairs, _ = load_pairs(tmp_path / "pairs.jsonl", template=template)
+        pairs, _ = load_pairs(tmp_path / "pairs.jsonl", chat=ChatFormat(template))
         trained, _ = tokenize_pairs(pairs, tokenizer, max_length=256)
         record = read_prompts(tmp_path / "prompts.jsonl", multi_turn=False).records[0]
         rendered = format_chat(list(record.messages), template)
@@ -232,7 +234,8 @@ def test_mt_bench_turn_two_prompt_holds_the_conversation(
     records = read_prompts(tmp_path / "question.jsonl", multi_turn=True).records
     cfg = settings(model="-", prompts="-", out="-", template="mistral-instruct", max_new_tokens=4)
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    [conversation] = answer(model, tokenizer, records, cfg, GenerationStats())
+    chat = ChatFormat("mistral-instruct")
+    [conversation] = answer(model, tokenizer, chat, records, cfg, GenerationStats())
     turn1 = conversation.responses[0].text
     history = [
         {"role": "user", "content": "apple banana"},
@@ -279,7 +282,7 @@ def test_no_row_runs_past_the_models_positions(tiny_model_dir: Path) -> None:
     ]
     stats = GenerationStats()
     cfg = settings(model="-", prompts="-", out="-", batch_size=3)
-    conversations = answer(model, tokenizer, records, cfg, stats)
+    conversations = answer(model, tokenizer, PLAIN, records, cfg, stats)
     short, cut, skipped = (c.responses[0] for c in conversations)
     assert len(short.token_ids) == MAX_NEW
     assert len(cut.token_ids) == positions - len(prompt_ids(tokenizer, near))

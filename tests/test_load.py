@@ -53,6 +53,16 @@ def test_our_sharded_save_loads_in_ropo_and_hf(tmp_path) -> None:
         assert max_diff(hf_logits(load_hf(tmp_path), ids), reference) <= TOL
 
 
+def test_saved_weights_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:
+    # safetensors 0.8 creates its files 0600; a model in a shared $MODELS_DIR must not be.
+    old = os.umask(0o022)
+    try:
+        save_model(our_model("llama"), tmp_path)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == oct(0o644)
+
+
 def test_resave_replaces_the_old_layout(tmp_path) -> None:
     ours = our_model()
     save_model(ours, tmp_path, max_shard_bytes=30_000)

@@ -18,9 +18,13 @@ import pytest
 import torch
 
 from conftest import write_synthetic_pairs
+from model_fixtures import randomize_
 from ropo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ropo.models import load_model
+from ropo.config_load import load_config
+from ropo.models import load_model, save_model
+from ropo.train import train
 from test_faults import RUN, ropo_train, tree_digest
+from test_ref_cache import other_weights
 
 FAST = [arg for arg in RUN if not arg.startswith(("rejection_sampling", "save_every"))]
 
@@ -137,6 +141,21 @@ def test_state_json_without_loop_is_named(tiny_model_dir: Path, tmp_path: Path) 
     assert latest_checkpoint(tmp_path, "r1") == path  # its files are whole: only the field lacks
     with pytest.raises(ValueError, match=r"round-1/state.json: field 'loop' is missing"):
         load_checkpoint(path, lambda p: load_model(p), torch.optim.AdamW, "cpu")
+
+
+def test_resume_refuses_a_reference_changed_since_the_run_started(
+    inputs: list[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    reference = other_weights(tiny_model_dir, tmp_path / "reference", seed=1)
+    out = tmp_path / "run"
+    train(load_config(None, [*inputs, f"out={out}", f"reference={reference}", "rounds=1"]))
+    info = json.loads((out / "run.json").read_text())
+    assert info["inputs"]["reference"]["path"] == str(reference)
+    save_model(randomize_(load_model(reference), seed=2), reference)
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match=r"resume refused: the reference \(.*\) changed since"):
+        train(load_config(None, [f"resume={out}"], base=info["config"]))
+    assert tree_digest(out) == before
 
 
 def test_out_naming_a_file_is_refused(inputs: list[str], tmp_path: Path) -> None:

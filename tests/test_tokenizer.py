@@ -1,21 +1,22 @@
-"""Tokenizer: spm parity, Llama special ids, the prompt/response boundary rule, chat templates.
+"""Sentencepiece tokenizer: spm parity, Llama special ids, the prompt/response boundary rule, the
+named chat templates (test_mistral_instruct.py checks mistral-instruct against mistral-common),
+and which file a model directory is read through.
 
 Pitfalls C2 items 12-14: ids 0/1/2 and pad fallback, no lone dummy-prefix "▁" at the response
 start, exactly one BOS and one EOS, no literal "<s>" in templated text.
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
-from ropo.models.tokenizer import (
-    Tokenizer,
-    format_chat,
-    load_tokenizer,
-    train_tokenizer,
-)
-from tokenizer_fixtures import corpus, tiny_tokenizer
+from ropo.models.chat_templates import format_chat
+from ropo.models.hf_tokenizer import HFTokenizer
+from ropo.models.spm_tokenizer import SentencePieceTokenizer as Tokenizer
+from ropo.models.tokenizer import load_tokenizer, train_tokenizer
+from tokenizer_fixtures import corpus, smollm2_like, tiny_tokenizer
 
 STRINGS = [
     "",
@@ -92,7 +93,7 @@ def test_train_rejects_empty_corpus(tmp_path: Path) -> None:
 
 
 def test_load_tokenizer_errors(tmp_path: Path, tok: Tokenizer) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.model")):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'tokenizer.model'} .*tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
@@ -245,3 +246,14 @@ def test_ids_match_transformers_llama_tokenizer(tok: Tokenizer, tmp_path: Path) 
     assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
     for text in ORACLE_STRINGS:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+
+
+def test_which_file_a_model_directory_is_read_through(tmp_path: Path, tok: Tokenizer) -> None:
+    """tokenizer.json alone: `tokenizers`; beside a tokenizer.model (HF's Llama-2 and Mistral
+    folders ship both): sentencepiece, the tokenizer of the paper's models."""
+    both = smollm2_like(tmp_path / "both")
+    assert isinstance(load_tokenizer(both), HFTokenizer)
+    shutil.copy(tok.model_file, both / "tokenizer.model")
+    assert isinstance(load_tokenizer(both), Tokenizer)
+    assert isinstance(load_tokenizer(both / "tokenizer.json"), HFTokenizer)  # a file: that file
+    assert load_tokenizer(both).encode("hello world") == tok.encode("hello world")

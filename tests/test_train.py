@@ -239,10 +239,14 @@ def test_cli_reports_bad_data_with_file_and_line(
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_missing_preset_says_where_to_put_the_weights(
+def test_missing_presets_say_where_to_put_the_weights_and_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     assert main(["train", "model=llama2-7b", "data=ultrafeedback", f"out={tmp_path}/o"]) == 2
     err = capsys.readouterr().err
-    assert "Llama-2-7b-hf" in err and "config.json" in err and "MODELS_DIR" in err
+    assert err.startswith("ropo: error: 2 inputs are missing:\n(1) model preset 'llama2-7b'")
+    assert "Llama-2-7b-sft" in err and "config.json" in err and "MODELS_DIR" in err
+    assert "SFT" in err and "ropo sft model=" in err  # a base model is not where ROPO starts
+    assert "\n(2) data preset 'ultrafeedback'" in err and "DATA_DIR" in err

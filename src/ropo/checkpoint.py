@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ropo.distributed import (
     barrier,
@@ -37,6 +37,7 @@ from ropo.distributed import (
 )
 from ropo.faults import maybe_crash
 from ropo.models.export import TokenizerExport, write_tokenizer_files
+from ropo.models.files import save_safetensors
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import has_lora
@@ -91,17 +92,17 @@ def _write_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     if lora:
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / LORA_FILE))
+        save_safetensors({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / LORA_FILE)
     else:
         save_weights(model.config, weights, tmp)
         if tokenizer is not None:
             write_tokenizer_files(tmp, tokenizer, model.config.max_position_embeddings)
     tensors, groups = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_safetensors(tensors, tmp / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_safetensors(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
     maybe_crash("checkpoint")
     files = sorted(p.name for p in tmp.iterdir())

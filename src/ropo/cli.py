@@ -1,11 +1,13 @@
 """Command line: `ropo train [--config FILE.yaml] key=value ...`, `ropo builtin`, `ropo keys`,
+`ropo sft model=DIR data=FILE out=DIR ...` (supervised fine-tuning; see `ropo sft --help`),
 `ropo generate model=DIR prompts=FILE out=FILE ...` (see `ropo generate --help`),
-`ropo eval model=DIR data=FILE ...` (see `ropo eval --help`).
+`ropo eval model=DIR data=FILE ...` (see `ropo eval --help`),
+`ropo convert-gguf FILE OUT_DIR` (a llama.cpp GGUF file -> a Hugging Face model directory).
 
-`ropo train resume=<run dir>` continues a run from its last checkpoint with the config saved in
-<run dir>/run.json. `ropo train` alone runs the built-in task; `ropo builtin key=value ...`
-runs it with settings (tokenizer, SFT, pairs, DPO vs ROPO, report; e.g. noise=0.2 seed=1
-out=runs/x sweep=true).
+`ropo train resume=<run dir>` (`ropo sft resume=<run dir>`) continues a run from its last
+checkpoint with the config saved in <run dir>/run.json. `ropo train` alone runs the built-in
+task; `ropo builtin key=value ...` runs it with settings (tokenizer, SFT, pairs, DPO vs ROPO,
+report; e.g. noise=0.2 seed=1 out=runs/x sweep=true).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ropo import interrupt, run_dir
-from ropo.config import RunConfig, describe_keys
+from ropo.config import RunConfig, SectionedConfig, describe_keys
 from ropo.config_load import load_config
 from ropo.eval_config import describe_settings as describe_eval_settings
 from ropo.generate_config import describe_settings as describe_generate_settings
+from ropo.sft_config import SftConfig
+from ropo.sft_config import describe_settings as describe_sft_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     builtin_parser.add_argument("settings", nargs="*", metavar="key=value")
     commands.add_parser("keys", help="list every config key with its default and meaning")
+    sft_parser = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning on demonstrations (or the chosen responses of pairs)",
+        description="ropo sft [--config FILE.yaml] model=DIR data=FILE out=DIR [key=value ...]",
+        epilog=describe_sft_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sft_parser.add_argument("--config", help="YAML file of key: value settings")
+    sft_parser.add_argument("overrides", nargs="*", metavar="key=value")
     _add_settings_parser(
         commands,
         "generate",
@@ -52,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         "ropo eval model=DIR data=FILE [reference=DIR] [key=value ...]",
         describe_eval_settings(),
     )
+    convert_parser = commands.add_parser(
+        "convert-gguf",
+        help="a llama.cpp GGUF file (llama architecture) -> a Hugging Face model directory",
+        description="ropo convert-gguf FILE OUT_DIR: float32 weights (quantised tensors are "
+        "dequantised, so a Q4 file stays as lossy as it is), config.json and tokenizer files",
+    )
+    convert_parser.add_argument("gguf_file", metavar="FILE")
+    convert_parser.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory")
     args = parser.parse_args(argv)
 
     if args.command == "keys":
@@ -63,23 +84,29 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tool("generate", lambda: _generate(args.settings))
     if args.command == "eval":
         return _run_tool("eval", lambda: _eval(args.settings))
+    if args.command == "convert-gguf":
+        return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
+    if args.command == "sft":
+        return _run_training(SftConfig, args.config, args.overrides)
     if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
         return _run_builtin([])
-    return _run_train(args.config, args.overrides)
+    return _run_training(RunConfig, args.config, args.overrides)
 
 
-def _run_train(config_file: str | None, overrides: list[str]) -> int:
-    """`ropo train`: exit 0 when done, 2 with one line on a user's error, 128 + N on signal N."""
+def _run_training(
+    config: type[SectionedConfig], config_file: str | None, overrides: list[str]
+) -> int:
+    """`ropo train` (config RunConfig) or `ropo sft` (SftConfig): exit 0 when done, 2 with one
+    line on a user's error, 128 + N on signal N."""
     cfg = None
     try:
         with interrupt.handled():
-            cfg = load_config(config_file, overrides, base=_resumed_config(overrides))
-            from ropo.train import train  # heavy imports only once the config is valid
-
-            train(cfg)
+            base = _resumed_config(overrides)
+            cfg = load_config(config_file, overrides, base=base, config=config)
+            _training_function(config)(cfg)
     except interrupt.Interrupted as stop:
         out = Path(cfg.run.resume or cfg.run.out) if cfg else None
-        hint = run_dir.resume_hint(out) if out else "nothing was written yet"
+        hint = run_dir.resume_hint(out, config.command) if out else "nothing was written yet"
         where = stop.where or "before training started"
         print(f"ropo: interrupted by {stop} {where}; {hint}", file=sys.stderr)
         return stop.exit_code
@@ -92,7 +119,18 @@ def _run_train(config_file: str | None, overrides: list[str]) -> int:
     return 0
 
 
-def _describe_os_error(err: OSError | SafetensorError, cfg: RunConfig | None) -> str:
+def _training_function(config: type[SectionedConfig]) -> Callable[[SectionedConfig], Path]:
+    """train() or sft(), imported only now: torch and the rest once the config is valid."""
+    if config is SftConfig:
+        from ropo.sft import sft
+
+        return sft
+    from ropo.train import train
+
+    return train
+
+
+def _describe_os_error(err: OSError | SafetensorError, cfg: SectionedConfig | None) -> str:
     """One line for a failed read or write; a full disk also says how the run goes on."""
     if isinstance(err, OSError):
         where = f"{err.filename}: " if err.filename else ""
@@ -101,7 +139,7 @@ def _describe_os_error(err: OSError | SafetensorError, cfg: RunConfig | None) ->
         what, full = f"writing a safetensors file: {err}", f"(os error {errno.ENOSPC})" in str(err)
     if full and cfg is not None:
         out = cfg.run.resume or cfg.run.out
-        return f"{what}: free some space, then `ropo train resume={out}` continues"
+        return f"{what}: free some space, then `{cfg.command} resume={out}` continues"
     return what
 
 
@@ -127,8 +165,8 @@ def _add_settings_parser(
 
 
 def _run_tool(name: str, work: Callable[[], None]) -> int:
-    """`ropo eval` / `ropo generate`: exit 0 when `work` is done, 2 with one line on a user's
-    error, 128 + N on signal N."""
+    """`ropo eval` / `generate` / `convert-gguf`: exit 0 when `work` is done, 2 with one line on
+    a user's error, 128 + N on signal N."""
     try:
         with interrupt.handled():
             work()
@@ -161,6 +199,13 @@ def _eval(settings: list[str]) -> None:
     from ropo.eval_run import run_eval  # torch only once the settings are valid
 
     run_eval(eval_settings)
+
+
+def _convert_gguf(gguf_file: str, out_dir: str) -> None:
+    from ropo.models.gguf import convert_gguf  # torch only when asked
+
+    convert_gguf(gguf_file, out_dir)
+    print(f"wrote {out_dir}")
 
 
 def _run_builtin(settings: list[str]) -> int:

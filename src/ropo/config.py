@@ -1,8 +1,10 @@
 """Run configuration: the first stage of the data flow.
 
-One frozen dataclass per concern, gathered into `RunConfig`. Keys are flat (`noise: 0.4`, not
-`data: {noise: 0.4}`) and every key is declared and documented below; `config_load.py` fills them
-from a YAML file and `key=value` overrides, and reports anything else as an error.
+One frozen dataclass per concern, gathered into `RunConfig` (`ropo train`). Keys are flat
+(`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented below;
+`config_load.py` fills them from a YAML file and `key=value` overrides, and reports anything else
+as an error. `ropo sft` gathers the sections it shares with training (the base classes
+PolicySettings, DataFileSettings, RunDirSettings and OptimSettings) into `sft_config.SftConfig`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+# The `template` key: "auto" or a named template of models/chat_templates.py (chat_format.py).
+TEMPLATES = ("auto", "plain", "llama2-chat", "mistral-instruct")
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -23,11 +27,13 @@ def setting(default: Any, help: str) -> Any:
 
 
 @dataclass(frozen=True)
-class ModelSettings:
+class PolicySettings:
+    """The model that trains and how it is held in memory: shared by `ropo train` and `ropo sft`."""
+
     model: str = setting(
         "",
-        "HF model directory (config.json, safetensors, tokenizer.model) or a "
-        "preset name (llama2-7b, mistral-7b) looked up under $MODELS_DIR",
+        "HF model directory (config.json, safetensors, tokenizer.model or tokenizer.json) or a "
+        "preset name (llama2-7b, mistral-7b, smollm2-135m) looked up under $MODELS_DIR",
     )
     dtype: str = setting("float32", "weights dtype: float32 | bfloat16 | float16")
     save_dtype: str = setting(
@@ -72,19 +78,30 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class DataSettings:
+class ModelSettings(PolicySettings):
+    reference: str = setting(
+        "",
+        "the frozen reference pi_ref of beta*log(pi/pi_ref): an HF model directory or preset "
+        "with the policy's architecture and tokenizer, e.g. the SFT model when `model` is "
+        "another starting point ('' = model)",
+    )
+
+
+@dataclass(frozen=True)
+class DataFileSettings:
+    """The training file and how its records become token ids: shared by train and sft."""
+
     data: str = setting(
         "", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR"
     )
     format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
     template: str = setting(
-        "plain", "chat template for message lists: plain | llama2-chat | mistral-instruct"
+        "auto",
+        "chat template of prompts and responses: auto (the model's own chat_template from "
+        "tokenizer_config.json or chat_template.jinja; plain if it has none) | plain | "
+        "llama2-chat | mistral-instruct",
     )
     max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
-    noise: float = setting(
-        0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5"
-    )
-    max_pairs: int = setting(0, "use only the first N pairs of the file (0 = all)")
     strict_data: bool = setting(
         False,
         "stop at a record that can be skipped otherwise (format=tldr: info.post null) instead of "
@@ -93,8 +110,19 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, ("plain", "ultrafeedback", "alpaca_comparison", "tldr"))
-        check_choice("template", self.template, ("plain", "llama2-chat", "mistral-instruct"))
+        check_choice("template", self.template, TEMPLATES)
         check_range("max_length", self.max_length, 2, None)
+
+
+@dataclass(frozen=True)
+class DataSettings(DataFileSettings):
+    noise: float = setting(
+        0.0, "symmetric label-flip rate eta injected into the data, 0 <= eta < 0.5"
+    )
+    max_pairs: int = setting(0, "use only the first N pairs of the file (0 = all)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_range("noise", self.noise, 0.0, 0.5, high_open=True)
         check_range("max_pairs", self.max_pairs, 0, None)
 
@@ -151,7 +179,9 @@ class LossSettings:
 @dataclass(frozen=True)
 class FilterSettings:
     rounds: int = setting(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
-    rho: float = setting(0.2, "share of pairs dropped after each round (lowest margin = highest ROPO loss)")
+    rho: float = setting(
+        0.2, "share of pairs dropped after each round (lowest margin = highest ROPO loss)"
+    )
     rejection_sampling: bool = setting(
         False, "replace dropped pairs by pairs sampled from the policy"
     )
@@ -173,7 +203,9 @@ class FilterSettings:
 class OptimSettings:
     epochs: int = setting(1, "epochs over the training set in every round")
     lr: float = setting(5e-7, "peak AdamW learning rate")
-    batch_size: int = setting(8, "pairs per optimizer step (before accumulation)")
+    batch_size: int = setting(
+        8, "pairs (ropo sft: examples) per micro-batch; a step takes grad_accum"
+    )
     grad_accum: int = setting(1, "micro-batches per optimizer step; the loss is averaged over all")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
     warmup_ratio: float = setting(0.1, "share of all steps spent warming the learning rate up")
@@ -192,7 +224,9 @@ class OptimSettings:
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunDirSettings:
+    """The run directory, seeding, checkpoints and stopping: shared by train and sft."""
+
     out: str = setting("runs/default", "run directory: checkpoints, audit files, report")
     seed: int = setting(0, "seeds noise injection, data order and sampling")
     resume: str = setting("", "run directory to continue from its last checkpoint ('' = fresh)")
@@ -206,9 +240,9 @@ class RunSettings:
         "seconds a scheduler waits between SIGTERM and SIGKILL (Slurm's KillWait defaults to 30): "
         "on SIGTERM the run checkpoints at the next step boundary if that fits, then stops",
     )
-    cache_dir: str = setting("", "reference log-prob cache ('' = <out>/cache)")
-    log_every: int = setting(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
-    save_every: int = setting(0, "optimizer steps between mid-round checkpoints (0 = end of round)")
+    save_every: int = setting(
+        0, "optimizer steps between checkpoints within a round or epoch (0 = at its end only)"
+    )
     skip_nonfinite: bool = setting(
         False,
         "on a NaN/inf loss or gradient, skip that step (counted in metrics.jsonl "
@@ -216,24 +250,53 @@ class RunSettings:
     )
 
     def __post_init__(self) -> None:
-        check_range("log_every", self.log_every, 1, None)
         check_range("save_every", self.save_every, 0, None)
         check_range("term_grace", self.term_grace, 0.0, None)
 
 
-SECTIONS = {
-    "model": ModelSettings,
-    "data": DataSettings,
-    "heldout": HeldoutSettings,
-    "loss": LossSettings,
-    "filter": FilterSettings,
-    "optim": OptimSettings,
-    "run": RunSettings,
-}
+@dataclass(frozen=True)
+class RunSettings(RunDirSettings):
+    cache_dir: str = setting("", "reference log-prob cache ('' = <out>/cache)")
+    log_every: int = setting(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("log_every", self.log_every, 1, None)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class SectionedConfig:
+    """The settings of one command: each field is a section (a settings dataclass) whose fields
+    are the flat keys. `command` and `keys_help` name the command in errors."""
+
+    command: ClassVar[str] = "ropo train"
+    keys_help: ClassVar[str] = "`ropo keys`"
+
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        """Section name -> settings class, in declaration order."""
+        return {f.name: f.default_factory for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def keys(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """Every key -> (its section, its field)."""
+        owners = {}
+        for section, settings in cls.sections().items():
+            for f in dataclasses.fields(settings):
+                assert f.name not in owners, f"config key {f.name} declared twice"
+                owners[f.name] = (section, f)
+        return owners
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Every key with its resolved value, in declaration order (written beside every run)."""
+        flat: dict[str, Any] = {}
+        for section in self.sections():
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+
+@dataclass(frozen=True)
+class RunConfig(SectionedConfig):
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
@@ -242,30 +305,15 @@ class RunConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
-    def to_flat_dict(self) -> dict[str, Any]:
-        """Every key with its resolved value, in declaration order (written beside every run)."""
-        flat: dict[str, Any] = {}
-        for section in SECTIONS:
-            flat.update(dataclasses.asdict(getattr(self, section)))
-        return flat
+
+SECTIONS = RunConfig.sections()
+KEYS = RunConfig.keys()
 
 
-def _section_of_key() -> dict[str, tuple[str, dataclasses.Field]]:
-    owners = {}
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            assert f.name not in owners, f"config key {f.name} declared twice"
-            owners[f.name] = (section, f)
-    return owners
-
-
-KEYS = _section_of_key()
-
-
-def describe_keys() -> str:
-    """A table of every key, its default and its meaning (printed by `ropo keys`)."""
+def describe_keys(config: type[SectionedConfig] = RunConfig) -> str:
+    """A table of every key, its default and its meaning (`ropo keys`, `ropo sft --help`)."""
     lines = []
-    for section, cls in SECTIONS.items():
+    for section, cls in config.sections().items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")

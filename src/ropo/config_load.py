@@ -1,4 +1,5 @@
-"""Loading a RunConfig: the step that fills the dataclasses of `config.py`.
+"""Loading a RunConfig (or `ropo sft`'s SftConfig): the step that fills the dataclasses of
+`config.py`.
 
 Values come from an optional YAML file (read with `yaml.safe_load`; a key given twice is refused)
 and then from `key=value` overrides on the command line; an unknown key, a wrong type or a bad
@@ -16,27 +17,35 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ropo.config import KEYS, SECTIONS, RunConfig
+from ropo.config import RunConfig, SectionedConfig
 
 Settings = TypeVar("Settings")
+Config = TypeVar("Config", bound=SectionedConfig)
 
 
-def build_config(values: dict[str, Any], origins: dict[str, str] | None = None) -> RunConfig:
-    """RunConfig from flat key -> value pairs; `origins` says where each value came from."""
+def build_config(
+    values: dict[str, Any],
+    origins: dict[str, str] | None = None,
+    config: type[Config] = RunConfig,
+) -> Config:
+    """`config` (RunConfig, or SftConfig for `ropo sft`) from flat key -> value pairs; `origins`
+    says where each value came from."""
     origins = origins or {}
-    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    keys, sections = config.keys(), config.sections()
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for key, value in values.items():
         where = origins.get(key, "config")
-        if key not in KEYS:
-            hint = difflib.get_close_matches(key, KEYS, n=1)
+        if key not in keys:
+            hint = difflib.get_close_matches(key, keys, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(
-                f"{where}: unknown config key '{key}'{suggestion}; `ropo keys` lists them all"
+                f"{where}: unknown config key '{key}'{suggestion}; {config.keys_help} lists "
+                "them all"
             )
-        section, f = KEYS[key]
-        per_section[section][key] = _coerce(key, value, f, where)
+        section, f = keys[key]
+        per_section[section][key] = _coerce(key, value, f, where, owner=sections[section])
     try:
-        return RunConfig(**{name: cls(**per_section[name]) for name, cls in SECTIONS.items()})
+        return config(**{name: cls(**per_section[name]) for name, cls in sections.items()})
     except ValueError as err:
         bad_key = str(err).split("'")[1] if "'" in str(err) else ""
         where = origins.get(bad_key, "")
@@ -50,9 +59,15 @@ RESUMABLE_KEYS = ("resume", "out", "overwrite", "device", "log_every", "save_eve
 
 
 def load_config(
-    config_file: str | Path | None, overrides: list[str], base: dict[str, Any] | None = None
-) -> RunConfig:
-    """Read `base` (a resumed run's config), the YAML file, then `key=value` overrides; validate."""
+    config_file: str | Path | None,
+    overrides: list[str],
+    base: dict[str, Any] | None = None,
+    config: type[Config] = RunConfig,
+) -> Config:
+    """Read `base` (a resumed run's config), the YAML file, then `key=value` overrides; validate
+    them as keys of `config` (RunConfig: `ropo train`; SftConfig: `ropo sft`)."""
+    if base is not None:
+        _check_same_command(base, config)
     values: dict[str, Any] = dict(base or {})
     origins: dict[str, str] = {key: "resumed run.json" for key in values}
     if config_file:
@@ -90,7 +105,18 @@ def load_config(
                 f"a resumed run must compute the same thing (only "
                 f"{', '.join(RESUMABLE_KEYS)} may change)"
             )
-    return build_config(values, origins)
+    return build_config(values, origins, config)
+
+
+def _check_same_command(base: dict[str, Any], config: type[SectionedConfig]) -> None:
+    """A run is resumed by the command that started it: its run.json holds that command's keys."""
+    foreign = [key for key in base if key not in config.keys()]
+    if foreign:
+        raise ValueError(
+            f"resume: the resumed run.json has config keys that {config.command} does not take "
+            f"({', '.join(foreign[:4])}): the directory holds a run of another ropo command; "
+            "resume it with the command that started it"
+        )
 
 
 def load_settings(cls: type[Settings], overrides: list[str], command: str) -> Settings:
@@ -166,10 +192,8 @@ def _check_unique_keys(node: yaml.Node | None, where: str) -> None:
         first_lines[key_node.value] = line
 
 
-def _coerce(
-    key: str, value: Any, f: dataclasses.Field, where: str, owner: type | None = None
-) -> Any:
-    expected = typing.get_type_hints(owner or _owner_class(key))[key]
+def _coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner: type) -> Any:
+    expected = typing.get_type_hints(owner)[key]
     if isinstance(expected, types.UnionType):
         expected = next(t for t in typing.get_args(expected) if t is not type(None))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -189,7 +213,3 @@ def _coerce(
             f"got {value!r} ({type(value).__name__})"
         )
     return value
-
-
-def _owner_class(key: str) -> type:
-    return SECTIONS[KEYS[key][0]]

@@ -1,8 +1,9 @@
 """Preference data: JSONL file → PreferencePair (text) → TokenizedPair (ids), plus label noise.
 
 Sits between the tokenizer and the model: `run_setup.py` loads pairs here (each record read by a
-parser of `data_formats.py`), optionally flips labels with a known mask (for the noise audit), and
-tokenises them. Every pair keeps its `id` to the audit file.
+parser of `data_formats.py`, its prompt and responses rendered by the run's chat format), optionally
+flips labels with a known mask (for the noise audit), and tokenises them. Every pair keeps its `id`
+to the audit file.
 
 Truncation rule (tokenize_pairs): the prompt is never cut; each response is cut at its end so that
 len(prompt_ids) + len(response_ids) <= max_length, losing its EOS when cut. A prompt that leaves no
@@ -21,23 +22,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ropo.data_formats import FORMATS, PARSERS, SkipRecord, check_jsonl_file
-from ropo.models.tokenizer import BOS_TEXT, TEMPLATES, Tokenizer, format_chat
+from ropo.models.boundary import BOS_TEXT
+from ropo.models.chat_format import PLAIN, ChatFormat
+from ropo.models.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class PreferencePair:
     id: str  # explicit "id" / prompt_id from the record, else a content hash
-    prompt: str  # rendered with the chat template, ready for the tokenizer
-    chosen: str
-    rejected: str
+    prompt: str  # rendered with the chat format, ready for the tokenizer
+    chosen: str  # the text the chat format puts after the prompt (a model's template: with its
+    rejected: str  # end-of-turn tokens; mistral-instruct: after a space), see ChatFormat.response
     source: str  # "file:line", for messages
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
     id: str
-    prompt_ids: tuple[int, ...]  # starts with the only leading BOS
-    chosen_ids: tuple[int, ...]  # ends with EOS unless truncated
+    prompt_ids: tuple[int, ...]  # starts with the only BOS, if the model uses one
+    chosen_ids: tuple[int, ...]  # ends with EOS (or the template's end of turn) unless truncated
     rejected_ids: tuple[int, ...]
 
 
@@ -48,21 +51,23 @@ class DataReport:
     read: int = 0
     used: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    unit: str = "pairs"  # what a record is: "examples" for ropo sft's demonstration files
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def summary(self) -> str:
         """One line: "read 1000 pairs, used 987, skipped 13 (prompt_too_long: 10, ...)"."""
-        line = f"read {self.read} pairs, used {self.used}, skipped {sum(self.skipped.values())}"
+        n_skipped = sum(self.skipped.values())
+        line = f"read {self.read} {self.unit}, used {self.used}, skipped {n_skipped}"
         reasons = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
         return line + (f" ({', '.join(f'{r}: {n}' for r, n in reasons)})" if reasons else "")
 
 
 def load_pairs(
-    path: str | Path, format: str = "plain", template: str = "plain", strict: bool = False
+    path: str | Path, format: str = "plain", chat: ChatFormat = PLAIN, strict: bool = False
 ) -> tuple[list[PreferencePair], DataReport]:
-    """Pairs of a JSONL file in one of FORMATS, prompts rendered with `format_chat(template)`.
+    """Pairs of a JSONL file in one of FORMATS, prompt and responses rendered with `chat`.
 
     Ids: the record's "id" (ultrafeedback: "prompt_id", a repeat gets "#2", "#3", ...), else the
     first 16 hex digits of sha1(prompt, chosen, rejected). Exact repeats of a pair without an
@@ -70,11 +75,10 @@ def load_pairs(
     lines. Also skipped: an empty or all-whitespace response ("empty_response"), chosen == rejected
     ("identical_responses"), and unless `strict` a record its parser can do without (tldr: a
     null post, "null_post"). Blank lines are ignored; bad input raises ValueError("file:line: ...").
+    The checks and the id hash see the responses as the record has them, before rendering.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     path = Path(path)
     check_jsonl_file(path)
     report, pairs = DataReport(), []
@@ -92,7 +96,7 @@ def load_pairs(
                 ) from None
             report.skip(skip.reason)
             continue
-        prompt = render_prompt(messages, template, where)
+        prompt = render_prompt(messages, chat, where)
         content = _content_hash(prompt, chosen, rejected)
         if format == "ultrafeedback" and content not in contents:
             pair_id = _unused(pair_id, id_lines)
@@ -108,6 +112,8 @@ def load_pairs(
         if not explicit:
             _claim(pair_id, where, id_lines)
         contents.add(content)
+        chosen = render_response(messages, chosen, chat, where)
+        rejected = render_response(messages, rejected, chat, where)
         pairs.append(PreferencePair(pair_id, prompt, chosen, rejected, where))
     if report.read == 0:
         raise ValueError(f"{path}: no pairs (the file is empty or only blank lines)")
@@ -160,18 +166,26 @@ def _is_unicode(record: dict) -> bool:
     return True
 
 
-def render_prompt(messages: list[dict], template: str, where: str) -> str:
-    """The prompt text of `messages` under the chat template; errors name `where` (file:line)."""
+def render_prompt(messages: list[dict], chat: ChatFormat, where: str) -> str:
+    """The prompt text of `messages` in the chat format; errors name `where` (file:line)."""
     try:
-        prompt = format_chat(messages, template)
+        prompt = chat.prompt(messages)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    if prompt.startswith(BOS_TEXT):
+    if not chat.jinja and prompt.startswith(BOS_TEXT):
         raise ValueError(
             f"{where}: the prompt starts with a literal {BOS_TEXT!r}; BOS is added as a token id, "
             "so remove it from the text (a second BOS would follow)"
         )
     return prompt
+
+
+def render_response(messages: list[dict], response: str, chat: ChatFormat, where: str) -> str:
+    """The text of `response` after the prompt of `messages`; errors name `where` (file:line)."""
+    try:
+        return chat.response(messages, response)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _content_hash(prompt: str, chosen: str, rejected: str) -> str:
@@ -204,11 +218,14 @@ def tokenize_pairs(
     tokenizer: Tokenizer,
     max_length: int,
     report: DataReport | None = None,
+    chat: ChatFormat = PLAIN,
 ) -> tuple[list[TokenizedPair], DataReport]:
-    """Token ids of every pair under the truncation rule in the module docstring.
+    """Token ids of every pair under the truncation rule in the module docstring; `chat` is the
+    format that rendered the pairs (any named one encodes as PLAIN does: BOS and EOS added).
 
-    One BOS starts the prompt, shared by both responses; one EOS ends each uncut response. Returns
-    the kept pairs in order and a report that continues `report` (a copy; `report` is not changed).
+    The prompt's ids are shared by both responses; one EOS (or the model template's end of turn)
+    ends each uncut response. Returns the kept pairs in order and a report that continues
+    `report` (a copy; `report` is not changed).
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
@@ -221,8 +238,8 @@ def tokenize_pairs(
         if pair.id in seen:
             raise ValueError(f"{pair.source}: duplicate id {pair.id!r}, also at {seen[pair.id]}")
         seen[pair.id] = pair.source
-        prompt_ids, chosen_ids = tokenizer.encode_prompt_response(pair.prompt, pair.chosen)
-        prompt_again, rejected_ids = tokenizer.encode_prompt_response(pair.prompt, pair.rejected)
+        prompt_ids, chosen_ids = chat.encode(tokenizer, pair.prompt, pair.chosen)
+        prompt_again, rejected_ids = chat.encode(tokenizer, pair.prompt, pair.rejected)
         assert prompt_ids == prompt_again, "prompt ids must not depend on the response"
         room = max_length - len(prompt_ids)
         if room < 1:
@@ -267,8 +284,8 @@ def _uniform(seed: int, pair_id: str) -> float:
 
 
 def write_pairs_jsonl(pairs: list[PreferencePair], path: str | Path) -> None:
-    """Write pairs in the "plain" format; load_pairs(path, "plain", "plain") reads them back
-    unchanged (ids included; the prompts are already rendered, so use the "plain" template)."""
+    """Write pairs in the "plain" format. Pairs a named template rendered read back unchanged
+    with load_pairs(path) (ids included; the text is rendered already, so the "plain" template)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as file:

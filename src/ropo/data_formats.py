@@ -1,4 +1,5 @@
-"""The four preference-record layouts: one JSON object → (prompt messages, chosen, rejected, id).
+"""The four preference-record layouts: one JSON object → (prompt messages, chosen, rejected, id);
+and the two layouts of a supervised example (`parse_demonstration`, for `ropo sft`).
 
 Part of the data stage, just before `data.py`: `check_jsonl_file` refuses what is no JSONL file
 (a folder, a parquet or arrow export), then `load_pairs` picks a parser from `PARSERS` by the
@@ -183,3 +184,30 @@ def _explicit_id(record: dict, where: str) -> str | None:
     if not pair_id.strip():
         raise ValueError(f"{where}: field 'id' is empty")
     return pair_id
+
+
+def parse_demonstration(record: dict, where: str) -> tuple[list[dict], str, str | None]:
+    """A supervised example of `ropo sft`: (prompt messages, response, explicit id or None).
+
+    {"prompt", "response"}: the prompt is a string (one user turn) or a message list.
+    {"messages": [...]}: the last message, the assistant's, is the response; those before it
+    (ending with a user turn) are the prompt.
+    """
+    if "messages" in record:
+        messages = _get(record, "messages", list, where)
+        _check_messages(messages, "messages", where)
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError(
+                f"{where}: field 'messages' must end with an assistant message (the response) "
+                "after at least one prompt turn"
+            )
+        context, response, label = messages[:-1], messages[-1]["content"], "messages[-2].content"
+    else:
+        prompt = _get(record, "prompt", (str, list), where)
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        _check_messages(context, "prompt", where)
+        if not context:
+            raise ValueError(f"{where}: empty prompt (field 'prompt' is an empty list)")
+        response, label = _get(record, "response", str, where), "prompt"
+    _nonblank(context[-1]["content"], label, where)
+    return context, response, _explicit_id(record, where)

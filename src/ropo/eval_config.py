@@ -2,7 +2,7 @@
 
 `config_load.load_settings` parses and checks the words as it does `ropo train`'s keys. When the
 model is a run's final/ (its run.json one directory up), the run's own settings fill every key
-the command line leaves out: reference (the run's model), beta, format, template, max_length and
+the command line leaves out: reference (the run's reference), beta, format, template, max_length and
 dtype, so that held-out pairs are tokenised and scored as the run's training pairs were.
 eval_run.py reads the settings; this file imports no torch, so `ropo eval --help` stays quick.
 """
@@ -13,14 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropo.config import check_beta, check_choice, check_device, check_range, setting
+from ropo.config import TEMPLATES, check_beta, check_choice, check_device, check_range, setting
 from ropo.config_load import load_settings
 from ropo.data_formats import FORMATS
 from ropo.presets import resolve_model
 from ropo.run_dir import read_run_info
 
-TEMPLATES = ("plain", "llama2-chat", "mistral-instruct")  # models/tokenizer.py's format_chat
-# Keys a run's run.json supplies when `model` is its final/ (reference is the run's `model`).
+# Keys a run's run.json supplies when `model` is its final/ (reference: the run's `reference`,
+# or its `model` when that was the reference).
 FROM_RUN = ("beta", "format", "template", "max_length", "dtype")
 
 
@@ -30,7 +30,11 @@ class EvalSettings:
     data: str = setting("", "preference file, in any format `ropo train` reads (or a data preset)")
     reference: str = setting("", "the reference model ('' = the run's model, for a run's final/)")
     format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = setting("plain", "chat template: plain | llama2-chat | mistral-instruct")
+    template: str = setting(
+        "auto",
+        "chat template: auto (the model's own chat_template; plain if it has none) | plain | "
+        "llama2-chat | mistral-instruct",
+    )
     max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
     beta: float = setting(0.1, "beta of the implicit reward beta*log(pi/pi_ref) and the DPO loss")
     batch_size: int = setting(16, "pairs scored at once")
@@ -64,8 +68,9 @@ def _help(key: str) -> str:
 def describe_settings() -> str:
     """Every key of `ropo eval` with its default and meaning (its --help)."""
     lines = [
-        "keys (key=value); for a run's final/ the run's own reference (its model), beta, format,",
-        "template, max_length and dtype are the defaults (read from the run's run.json):",
+        "keys (key=value); for a run's final/ the run's own reference (its model unless it set",
+        "reference=), beta, format, template, max_length and dtype are the defaults (read from",
+        "the run's run.json):",
     ]
     for name, f in EvalSettings.__dataclass_fields__.items():
         lines.append(f"  {name:<11} {f.default!r:<10} {f.metadata['help']}")
@@ -89,14 +94,15 @@ def load_eval_settings(words: list[str]) -> EvalSettings:
     run_config = read_run_info(run_json.parent)["config"]
     defaults = {key: run_config[key] for key in FROM_RUN if key in run_config}
     if "model" in run_config:
-        defaults["reference"] = run_config["model"]
+        source = "reference" if run_config.get("reference") else "model"
+        defaults["reference"] = run_config[source]
     defaults = {key: value for key, value in defaults.items() if key not in given}
     if "reference" in defaults:
         try:
             resolve_model(defaults["reference"])
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(
-                f"{run_json}: the run's model is the default reference, but: {err}; give "
+                f"{run_json}: the run's {source} is the default reference, but: {err}; give "
                 "reference=DIR"
             ) from None
     try:

@@ -22,7 +22,8 @@ from ropo.eval_config import EvalSettings
 from ropo.evaluate import HeldoutMetrics, heldout_metrics, per_pair_records
 from ropo.logps import PairLogps, score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
-from ropo.presets import resolve_data, resolve_model
+from ropo.models.chat_format import load_chat_format
+from ropo.presets import resolve_inputs, resolve_model
 from ropo.resources import pick_device
 from ropo.run_setup import check_vocab
 
@@ -33,12 +34,16 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     out = Path(settings.out) if settings.out else None
     if out is not None:
         _check_out(out)
-    model_dir, reference_dir = resolve_model(settings.model), resolve_model(settings.reference)
-    data_file, data_format = resolve_data(settings.data, settings.format)
+    # Every missing input (weights and data) in one error, not one per attempt.
+    model_dir, data_file, data_format = resolve_inputs(
+        settings.model, settings.data, settings.format
+    )
+    reference_dir = resolve_model(settings.reference)
     tokenizer = load_tokenizer(model_dir)
     check_same_tokenizer(tokenizer, model_dir, reference_dir)
-    pairs, report = load_pairs(data_file, format=data_format, template=settings.template)
-    tokens, report = tokenize_pairs(pairs, tokenizer, settings.max_length, report)
+    chat = load_chat_format(model_dir, settings.template, tokenizer)
+    pairs, report = load_pairs(data_file, data_format, chat)
+    tokens, report = tokenize_pairs(pairs, tokenizer, settings.max_length, report, chat)
     if not tokens:
         raise ValueError(f"{data_file}: no usable pairs ({report.summary()})")
     policy = score_with(model_dir, tokens, tokenizer.pad_id, settings, "policy log-probs")
@@ -54,7 +59,10 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     text = json.dumps(result, indent=1) + "\n"
     if out is not None:
         _write_atomically(out, text)
-    print(describe(result), file=sys.stdout if out is not None else sys.stderr)
+    for_people = sys.stdout if out is not None else sys.stderr  # stdout: the JSON alone
+    if chat.note:
+        print(chat.note, file=for_people)
+    print(describe(result), file=for_people)
     if out is None:  # the JSON alone on standard output, so that it can be piped
         sys.stdout.write(text)
     return result
@@ -65,7 +73,7 @@ def check_same_tokenizer(tokenizer: Tokenizer, model_dir: Path, reference_dir: P
     tokenisations of the same text are not comparable."""
     check_vocab(tokenizer, model_dir)
     check_vocab(tokenizer, reference_dir)
-    ours, theirs = model_dir / "tokenizer.model", reference_dir / "tokenizer.model"
+    ours, theirs = tokenizer.model_file, reference_dir / tokenizer.model_file.name
     if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():
         raise ValueError(
             f"{theirs}: the reference's tokenizer differs from the policy's ({ours}); a policy "

@@ -16,7 +16,7 @@ import signal
 
 # Where call sites are; a name outside this list would make a fault test pass without a crash.
 POINTS = {
-    "step": "step.py, train_step: gradients computed, optimizer not stepped yet",
+    "step": "step.py, apply_step (of train_step, sft_step): gradients there, no AdamW step yet",
     "round_end": "train.py, after a round's audit files, before its checkpoint",
     "checkpoint": "checkpoint.py, model and optimizer files written, manifest and rename not yet",
     "rejection_sampling": "filter/rejection.py, inside the sampling loop",

@@ -1,7 +1,7 @@
 """`ropo generate`: a model's responses to a file of prompts, in the files judges read.
 
 Beside the training flow, after it: prompts (generate_prompts.py) are rendered with the chat
-template and tokenised exactly as training tokenises the prompt of a pair, answered in
+format and tokenised exactly as training tokenises the prompt of a pair, answered in
 length-sorted batches by the KV-cached sampler (models/sample.py), and written as our JSONL,
 AlpacaEval's model outputs or MT-Bench's answers (generate_layouts.py). MT-Bench questions are
 answered turn by turn: turn k's prompt is the conversation so far, the model's own answers included.
@@ -24,6 +24,7 @@ from ropo.generate_config import GenerateSettings
 from ropo.generate_layouts import Conversation, Response, write_responses
 from ropo.generate_prompts import PromptRecord, read_prompts
 from ropo.models import Tokenizer, load_model, load_tokenizer
+from ropo.models.chat_format import PLAIN, ChatFormat, load_chat_format
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 from ropo.presets import resolve_model
@@ -50,10 +51,13 @@ def run_generate(cfg: GenerateSettings) -> GenerationStats:
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(tokenizer, model_dir)
+    chat = load_chat_format(model_dir, cfg.template, tokenizer)
+    if chat.note:
+        print(chat.note)
     device = pick_device(cfg.device)
     model = load_model(model_dir, DTYPES.get(cfg.dtype), device)
     stats = GenerationStats()
-    conversations = answer(model, tokenizer, prompts.records, cfg, stats)
+    conversations = answer(model, tokenizer, chat, prompts.records, cfg, stats)
     generator = cfg.generator or model_name(model_dir)
     existed = out.exists()
     write_responses(conversations, cfg.layout, out, generator, cfg.n)
@@ -84,6 +88,7 @@ def _check_out(out: Path, prompts_file: Path) -> None:
 def answer(
     model: Transformer,
     tokenizer: Tokenizer,
+    chat: ChatFormat,
     records: list[PromptRecord],
     cfg: GenerateSettings,
     stats: GenerationStats,
@@ -105,8 +110,8 @@ def answer(
     with tqdm(total=total, desc="generate", unit="prompt", mininterval=interval) as progress:
         for turn in range(max(c.record.n_turns for c in conversations)):
             waiting = [c for c in conversations if turn < c.record.n_turns]
-            texts = [render_prompt(c.messages, cfg.template, c.record.source) for c in waiting]
-            prompts_ids = [prompt_ids(tokenizer, text) for text in texts]
+            texts = [render_prompt(c.messages, chat, c.record.source) for c in waiting]
+            prompts_ids = [prompt_ids(tokenizer, text, chat) for text in texts]
             responses = answer_prompts(
                 model, tokenizer, prompts_ids, cfg, generator, stats, progress
             )
@@ -119,11 +124,12 @@ def answer(
     return conversations
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The ids training gives the prompt part of a pair: BOS, then the prompt's ids (turn markers
-    as EOS/BOS ids, trailing spaces left to the response). They do not depend on the response, as
-    data.tokenize_pairs asserts, so an empty one gives them."""
-    return tokenizer.encode_prompt_response(prompt, "")[0]
+def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: ChatFormat = PLAIN) -> list[int]:
+    """The ids training gives the prompt part of a pair whose prompt `chat` rendered (any named
+    template encodes as PLAIN: BOS, turn markers as EOS/BOS ids, trailing spaces left to the
+    response). They do not depend on the response, as data.tokenize_pairs asserts, so an empty
+    one gives them."""
+    return chat.encode(tokenizer, prompt, "")[0]
 
 
 def answer_prompts(

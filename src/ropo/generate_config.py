@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropo.config import check_choice, check_device, check_range, setting
+from ropo.config import TEMPLATES, check_choice, check_device, check_range, setting
 
 LAYOUTS = ("jsonl", "alpaca_eval", "mt_bench")  # the files of generate_layouts.py
-TEMPLATES = ("plain", "llama2-chat", "mistral-instruct")  # models/tokenizer.py's format_chat
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,11 @@ class GenerateSettings:
     out: str = setting("", "file to write the responses to (replaced if it exists)")
     layout: str = setting("jsonl", "jsonl | alpaca_eval | mt_bench: the file's layout")
     generator: str = setting("", "name written into the outputs ('' = the model directory's name)")
-    template: str = setting("plain", "chat template: plain | llama2-chat | mistral-instruct")
+    template: str = setting(
+        "auto",
+        "chat template: auto (the model's own chat_template; plain if it has none) | plain | "
+        "llama2-chat | mistral-instruct",
+    )
     max_new_tokens: int = setting(512, "length limit of each response (and of each MT-Bench turn)")
     temperature: float = setting(0.0, "0 = greedy; otherwise sampling at this temperature")
     top_p: float = setting(1.0, "nucleus sampling threshold (with temperature > 0)")

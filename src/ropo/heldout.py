@@ -16,6 +16,7 @@ from typing import Any
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, load_pairs, tokenize_pairs
 from ropo.models import Tokenizer
+from ropo.models.chat_format import ChatFormat
 from ropo.presets import resolve_data
 from ropo.ref_cache import file_sha256
 
@@ -51,19 +52,18 @@ def _heldout_rank(seed: int, pair_id: str) -> bytes:
 
 
 def prepare_heldout(
-    cfg: RunConfig, tokenizer: Tokenizer, split_off: list[PreferencePair]
+    cfg: RunConfig, tokenizer: Tokenizer, chat: ChatFormat, split_off: list[PreferencePair]
 ) -> HeldoutPairs | None:
-    """The held-out pairs tokenised like the training pairs (template, max_length): `split_off`
-    (carved out by eval_split) or the pairs of eval_data; None when the run has neither."""
+    """The held-out pairs rendered and tokenised like the training pairs (chat format,
+    max_length): `split_off` (carved out by eval_split) or the pairs of eval_data; None when the
+    run has neither."""
     if cfg.heldout.eval_split:
-        tokens, report = tokenize_pairs(split_off, tokenizer, cfg.data.max_length)
+        tokens, report = tokenize_pairs(split_off, tokenizer, cfg.data.max_length, chat=chat)
         source, split_ids = f"eval_split={cfg.heldout.eval_split}", [p.id for p in split_off]
     elif cfg.heldout.eval_data:
         path, data_format = eval_data_file(cfg)
-        pairs, report = load_pairs(
-            path, format=data_format, template=cfg.data.template, strict=cfg.data.strict_data
-        )
-        tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report)
+        pairs, report = load_pairs(path, data_format, chat, strict=cfg.data.strict_data)
+        tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report, chat)
         source, split_ids = f"eval_data={path}", []
     else:
         return None

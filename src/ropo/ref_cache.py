@@ -5,6 +5,9 @@ cache file name is a fingerprint of everything that changes the numbers: the ref
 and config, the exact token ids of every pair (which already captures the tokenizer, the chat
 template and the truncation rule), the dtype and the log-prob convention. A changed input gives a
 different fingerprint and therefore a recomputation, never a stale cache.
+
+The reference is the policy's starting point unless `reference=` names another model directory;
+`check_reference_model` makes sure that one can score the policy's token ids.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ropo.data import TokenizedPair
 from ropo.logps import PairLogps, score_pairs
-from ropo.models.files import check_safetensors, require_regular_file
+from ropo.models.config import read_model_config
+from ropo.models.files import check_safetensors, require_regular_file, save_safetensors
 from ropo.models.load import load_model
 
 # Bump when the way log-probs are computed changes, so old caches stop matching. v2: one
@@ -72,14 +76,17 @@ class RefLogps:
 
 def fingerprint_pairs(pairs: Sequence[TokenizedPair]) -> str:
     """sha256 over the ids and token ids of every pair, in order."""
+    return fingerprint_rows([p.id, p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs)
+
+
+def fingerprint_rows(rows: Iterable[list]) -> str:
+    """sha256 over the JSON of every row (ids and token ids of a pair or an SFT example)."""
     digest = hashlib.sha256()
-    for pair in pairs:
-        record = [pair.id, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]
-        digest.update(json.dumps(record, separators=(",", ":")).encode())
+    for row in rows:
+        digest.update(json.dumps(row, separators=(",", ":")).encode())
     return digest.hexdigest()
 
 
-@functools.cache  # a run asks twice with LoRA (cache key, base check); 7B hashes take a minute
 def fingerprint_model_dir(model_dir: str | Path) -> str:
     """sha256 over config.json and every safetensors file of a checkpoint directory.
 
@@ -92,11 +99,50 @@ def fingerprint_model_dir(model_dir: str | Path) -> str:
         check_safetensors(path)
     require_regular_file(model_dir / "config.json", f"no config.json in {model_dir}")
     files = weights + [model_dir / "config.json"]
+    # Within a process, files that keep their inode, size and mtime are hashed once (a LoRA run
+    # asks twice: cache key, base check); one written since, e.g. by an earlier stage of the
+    # built-in task, is read again.
+    return _files_digest(tuple((p, *_identity(p.stat())) for p in files))
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@functools.cache
+def _files_digest(files: tuple[tuple[Path, int, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in files:
+    for path, *_ in files:
         digest.update(path.name.encode())
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
+
+
+def check_reference_model(model_dir: Path, reference_dir: Path) -> None:
+    """ValueError unless the reference in `reference_dir` can score the policy's token ids: its
+    config.json describes the policy's network (architecture, sizes, vocabulary) and any
+    tokenizer file both directories have is the same file. Errors name both directories."""
+    ours, theirs = read_model_config(model_dir).to_hf(), read_model_config(reference_dir).to_hf()
+    differing = [key for key in ours if ours[key] != theirs.get(key)]
+    if differing:
+        shown = "; ".join(
+            f"{key} = {theirs.get(key)!r} there, {ours[key]!r} in the policy's"
+            for key in differing[:3]
+        )
+        raise ValueError(
+            f"config key 'reference': {reference_dir}/config.json is not the network of the "
+            f"policy ({model_dir}/config.json): {shown}; the reference must have the policy's "
+            "architecture and vocabulary"
+        )
+    for name in ("tokenizer.model", "tokenizer.json"):
+        policy_file, reference_file = model_dir / name, reference_dir / name
+        both = policy_file.is_file() and reference_file.is_file()
+        if both and file_sha256(policy_file) != file_sha256(reference_file):
+            raise ValueError(
+                f"config key 'reference': {reference_file} differs from the policy's "
+                f"{policy_file}: the reference scores the policy's token ids, so it needs the "
+                "same tokenizer"
+            )
 
 
 def file_sha256(path: Path) -> str:
@@ -191,7 +237,7 @@ def write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) 
     meta = {"fingerprint": fingerprint, "ids": ids, "convention": LOGP_CONVENTION}
     # The json is written last: a cache counts only when both files exist and agree.
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
     tmp_meta = path.with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta))

@@ -29,7 +29,7 @@ def sample_replacements(
     """
     cfg, tokenizer, device = run.cfg, run.tokenizer, run.step.device
     dropped = set(decision.dropped_ids)
-    reference = load_model(run.model_dir, dtype=run.dtype, device=device)
+    reference = load_model(run.reference_dir, dtype=run.dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 7919 + round_idx)
     result = rejection_sample(
         policy,

@@ -4,7 +4,8 @@ anything on disk.
 A run directory holds exactly one run. Its identity is a run id, written into run.json and into
 the manifest of every checkpoint, so a resume can refuse a checkpoint some other run wrote (a
 copied or reused directory). Beside it run.json records a sha256 of every input (model weights,
-tokenizer, data file); a resume recomputes them and refuses when one changed in between.
+tokenizer, data file, a separate reference model); a resume recomputes them and refuses when one
+changed in between.
 While a run is alive rank 0 holds an exclusive `flock` on <out>/ropo.lock: a second run into the
 same directory fails at once, and the OS drops the lock when the process dies, even by kill -9.
 """
@@ -27,7 +28,12 @@ from typing import Any
 
 LOCK_FILE = "ropo.lock"
 # Files that describe the tokenizer; whichever of them the model directory has are fingerprinted.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -101,14 +107,15 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
 
 
-def check_fresh(out: Path, overwrite: bool) -> None:
-    """A fresh run needs an empty directory; ValueError offering resume= or overwrite= if not."""
+def check_fresh(out: Path, overwrite: bool, command: str = "ropo train") -> None:
+    """A fresh run needs an empty directory; ValueError offering resume= or overwrite= if not.
+    `command` is the one that resumes a run (ropo train, ropo sft)."""
     found = leftovers(out)
     if found and not overwrite:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise ValueError(
             f"{out}: the run directory is not empty ({shown}). Continue the run in it with "
-            f"`ropo train resume={out}`, start over there with overwrite=true (its contents are "
+            f"`{command} resume={out}`, start over there with overwrite=true (its contents are "
             f"deleted), or pick another out="
         )
 
@@ -123,13 +130,16 @@ def clear(out: Path) -> None:
             path.unlink()
 
 
-def input_fingerprints(model_dir: Path, data_file: Path) -> dict[str, dict[str, str]]:
-    """sha256 of each input a run reads: model weights and config, tokenizer files, data file."""
+def input_fingerprints(
+    model_dir: Path, data_file: Path, reference_dir: Path | None = None
+) -> dict[str, dict[str, str]]:
+    """sha256 of each input a run reads: model weights and config, tokenizer files, data file,
+    and the reference model's weights and config when it is not the model directory itself."""
     # Imported here: the CLI reads run.json through this module before torch is loaded.
     from ropo.ref_cache import file_sha256, fingerprint_model_dir
 
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    return {
+    inputs = {
         "model": {"path": str(model_dir), "sha256": fingerprint_model_dir(model_dir)},
         "tokenizer": {
             "path": ", ".join(str(p) for p in tokenizer),
@@ -137,6 +147,10 @@ def input_fingerprints(model_dir: Path, data_file: Path) -> dict[str, dict[str, 
         },
         "data": {"path": str(data_file), "sha256": file_sha256(data_file)},
     }
+    if reference_dir is not None and reference_dir.resolve() != model_dir.resolve():
+        reference = {"path": str(reference_dir), "sha256": fingerprint_model_dir(reference_dir)}
+        inputs["reference"] = reference
+    return inputs
 
 
 def _files_sha256(paths: list[Path]) -> str:
@@ -183,7 +197,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def resume_hint(out: Path) -> str:
+def resume_hint(out: Path, command: str = "ropo train") -> str:
     """Where a stopped run can continue from: its last checkpoint and the resume command."""
     if not (out / "run.json").is_file():
         return "nothing was written yet; run the same command again"
@@ -193,4 +207,4 @@ def resume_hint(out: Path) -> str:
         if pointer.is_file()
         else "no checkpoint yet (a resume starts the training over)"
     )
-    return f"{last}; continue with `ropo train resume={out}`"
+    return f"{last}; continue with `{command} resume={out}`"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +23,9 @@ from ropo.logps import PairLogps, collate_pairs, response_logps
 from ropo.loss import PreferenceLoss
 from ropo.models.llama import Transformer
 from ropo.ref_cache import RefLogps
+from ropo.sft_config import SftConfig
+
+Item = TypeVar("Item")  # what a batch holds: a TokenizedPair, or an SFT example
 
 
 @dataclass(frozen=True)
@@ -97,17 +101,18 @@ def learning_rate(step: int, total_steps: int, cfg: OptimSettings) -> float:
 
 
 def epoch_steps(
-    pairs: list[TokenizedPair], cfg: RunConfig, round_idx: int, epoch: int
-) -> list[list[list[TokenizedPair]]]:
-    """The epoch as optimizer steps, each a list of micro-batches of pairs.
+    items: list[Item], cfg: RunConfig | SftConfig, round_idx: int, epoch: int
+) -> list[list[list[Item]]]:
+    """The epoch as optimizer steps, each a list of micro-batches of pairs (or, for `ropo sft`,
+    of examples; round_idx 0).
 
     The order is a permutation seeded by (seed, round, epoch) alone, so a resumed run replays the
     same batches; the last step may be short.
     """
     generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx * 1009 + epoch)
-    order = torch.randperm(len(pairs), generator=generator).tolist()
+    order = torch.randperm(len(items), generator=generator).tolist()
     size, accum = cfg.optim.batch_size, cfg.optim.grad_accum
-    micro = [[pairs[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+    micro = [[items[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
     return [micro[s : s + accum] for s in range(0, len(micro), accum)]
 
 
@@ -160,12 +165,17 @@ def train_step(
         ids = [pair.id for pairs in micro_batches for pair in pairs]
         reason = f"non-finite gradient norm {norm} for the step's {len(ids)} pairs {ids[:10]}"
         return skipped_step(optimizer, reason, lr)
+    apply_step(optimizer, lr)
+    return StepStats(loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs, norm, lr)
+
+
+def apply_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """AdamW at learning rate `lr` with the gradients in place, then clear them."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     maybe_crash("step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs, norm, lr)
 
 
 def skipped_step(optimizer: torch.optim.Optimizer, reason: str, lr: float) -> StepStats:

@@ -31,7 +31,7 @@ from ropo.progress import RunProgress, progress_bar
 from ropo.ref_cache import RefLogps, reference_logps
 from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
 from ropo.run_setup import LoopState, Run, save_final, start_or_resume, start_run
-from ropo.saving import save, stop_for_sigterm
+from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.step import (
     StepStats,
     autocast,
@@ -87,13 +87,13 @@ def position(state: LoopState, cfg: RunConfig) -> str:
 
 
 def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
-    """Reference log-probs of `pairs` (training or held-out): read from the cache, or computed
-    once and cached."""
+    """Reference log-probs of `pairs` (training or held-out) under the run's reference model
+    (`reference`, else the policy's starting point): read from the cache, or computed once."""
     # Several processes share the reference scoring; one reads or fills the cache alone.
     several = distributed.world_size() > 1
     with autocast(run.step.device, run.step.autocast):
         return (distributed.shared_reference_logps if several else reference_logps)(
-            run.model_dir,
+            run.reference_dir,
             pairs,
             run.cfg.run.cache_dir or run.out / "cache",
             run.cfg.optim.batch_size * 2,
@@ -171,7 +171,8 @@ def train_epoch(
         for step_idx in range(state.step_in_epoch, len(steps)):
             lr = learning_rate(state.global_step, total_steps, cfg.optim)
             stats = train_step(policy, optimizer, steps[step_idx], ref, run.loss_fn, lr, run.step)
-            check_step(stats, state, cfg.run.skip_nonfinite, run.out)
+            where = f"round {state.round_idx + 1}, global step {state.global_step + 1}"
+            check_step(run, state, stats.skipped, where)
             state.global_step += 1
             state.step_in_epoch = step_idx + 1
             postfix = (stats.loss, stats.reward_accuracy, stats.margin)
@@ -189,21 +190,6 @@ def train_epoch(
             if interrupt.pending():
                 stop_for_sigterm(run, policy, optimizer, state)
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
-
-
-def check_step(stats: StepStats, state: LoopState, skip_nonfinite: bool, out: Path) -> None:
-    """Stop the run at a step that was not applied (NaN/inf), or count it if skip_nonfinite."""
-    if not stats.skipped:
-        return
-    where = f"round {state.round_idx + 1}, global step {state.global_step + 1}"
-    if not skip_nonfinite:
-        raise FloatingPointError(
-            f"{where}: {stats.skipped}. The step was not applied and no checkpoint follows it: "
-            f"`ropo train resume={out}` continues from the last good one (add "
-            f"skip_nonfinite=true to skip such steps)"
-        )
-    state.n_skipped_nonfinite += 1
-    tqdm.write(f"{where}: {stats.skipped}; step skipped (skip_nonfinite=true)")
 
 
 def end_of_round(

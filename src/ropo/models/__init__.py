@@ -3,7 +3,7 @@
 Public interface (other parts of ropo and outside checks call these by name):
     load_model(path, dtype=None, device=None) -> Transformer
     save_model(model, path)                   -> writes config.json + safetensors in HF layout
-    load_tokenizer(path)                      -> Tokenizer over path/tokenizer.model
+    load_tokenizer(path)                      -> Tokenizer over tokenizer.model or tokenizer.json
     generate(model, prompts_ids, ...)         -> sampled continuations, KV-cached
 """
 

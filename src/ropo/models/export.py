@@ -1,11 +1,14 @@
 """The files beside saved weights that make Hugging Face tools tokenise as the run trained.
 
 `run_setup.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
-write_tokenizer_files after the weights: tokenizer.model, tokenizer_config.json,
-special_tokens_map.json and generation_config.json. Without them transformers' AutoTokenizer
-guesses, and drops the BOS that every training sequence started with.
+write_tokenizer_files after the weights. Without them transformers' AutoTokenizer guesses, and
+drops the BOS that every training sequence started with. `tokenizer_config.json` holds the chat
+template of the run: the model's own (template=auto), or chat_templates.py's Jinja of the named
+template, so that apply_chat_template renders the prompts the run trained on; a later template=auto
+reads either back as it was.
 
-What the files say, and why (tokenizer.py has the rule they describe):
+A sentencepiece model gets tokenizer.model, tokenizer_config.json, special_tokens_map.json and
+generation_config.json, written for transformers' LlamaTokenizer:
   * add_bos_token=true: every prompt starts with one BOS id.
   * add_eos_token=false: EOS ends each response, but a prompt to generate from has none; a
     trainer appends EOS after the response itself (as ropo and TRL do).
@@ -14,10 +17,16 @@ What the files say, and why (tokenizer.py has the rule they describe):
   * model_max_length = the model's max_position_embeddings: what the network can attend over.
     The run's max_length is a data setting (run.json), and as model_max_length it would make
     `truncation=True` cut prompts at the training length.
-  * chat_template: chat_templates.py's Jinja for the run's template.
   * generation_config.json holds only the bos/eos/pad ids, so greedy decoding is unchanged.
 One known difference: transformers 5's LlamaTokenizer puts no extra "▁" before a text that
 starts with a space (sentencepiece and transformers 4 do), so such a prompt gets one id fewer.
+
+A tokenizer.json model gets its tokenizer.json, its own tokenizer_config.json with the run's chat
+template, the special-token strings ropo read (also those found in special_tokens_map.json) and
+model_max_length as above, and generation_config.json. Its tokenizer_class becomes
+PreTrainedTokenizerFast, the class that reads tokenizer.json exactly as ropo does: transformers 5
+rebuilds a model-specific class from the vocabulary (SmolLM2's GPT2Tokenizer loses the digit
+split of its tokenizer.json, and "\n 4" becomes other ids).
 """
 
 from __future__ import annotations
@@ -29,28 +38,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ropo.models.chat_templates import JINJA_TEMPLATES
+from ropo.models.chat_format import ChatFormat
+from ropo.models.chat_templates import jinja_template
+from ropo.models.hf_tokenizer import HFTokenizer
+from ropo.models.spm_tokenizer import SentencePieceTokenizer
 from ropo.models.tokenizer import Tokenizer
 
-TOKENIZER_FILES = (
+SPM_FILES = (
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
 )
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 @dataclass(frozen=True)
 class TokenizerExport:
-    """How a run turned text into ids: its tokenizer and the chat template of its prompts."""
+    """How a run turned text into ids: its tokenizer and the chat format of its pairs."""
 
     tokenizer: Tokenizer
-    template: str  # one of tokenizer.TEMPLATES
+    chat: ChatFormat
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja for tokenizer_config.json: the model's own, or the named template's."""
+        return self.chat.jinja or jinja_template(self.chat.template, self.tokenizer.adds_bos)
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The names write_tokenizer_files writes for `tokenizer`."""
+    return HF_FILES if isinstance(tokenizer, HFTokenizer) else SPM_FILES
 
 
 def write_tokenizer_files(path: Path, export: TokenizerExport, model_max_length: int) -> None:
-    """Write TOKENIZER_FILES into the model directory `path` (each one atomically)."""
+    """Write tokenizer_files(tokenizer) into the model directory `path` (each one atomically)."""
     tokenizer = export.tokenizer
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        _write_spm_files(path, tokenizer, export.chat_template, model_max_length)
+    else:
+        _write_hf_files(path, tokenizer, export.chat_template, model_max_length)
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    _write_json(path / "generation_config.json", generation)
+
+
+def _write_spm_files(
+    path: Path, tokenizer: SentencePieceTokenizer, chat_template: str, model_max_length: int
+) -> None:
+    """tokenizer.model with the LlamaTokenizer settings of the module docstring."""
     special = special_tokens(tokenizer)
     config = {
         "tokenizer_class": "LlamaTokenizer",
@@ -61,22 +100,28 @@ def write_tokenizer_files(path: Path, export: TokenizerExport, model_max_length:
         "added_tokens_decoder": added_tokens(tokenizer),
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # decode as sentencepiece does
-        "chat_template": JINJA_TEMPLATES[export.template],
+        "chat_template": chat_template,
     }
-    generation = {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-    }
-    tmp = path / ".tokenizer.model.tmp"
-    shutil.copyfile(tokenizer.model_file, tmp)
-    os.replace(tmp, path / "tokenizer.model")
+    _copy_file(tokenizer.model_file, path / "tokenizer.model")
     _write_json(path / "tokenizer_config.json", config)
     _write_json(path / "special_tokens_map.json", special)
-    _write_json(path / "generation_config.json", generation)
 
 
-def special_tokens(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+def _write_hf_files(
+    path: Path, tokenizer: HFTokenizer, chat_template: str, model_max_length: int
+) -> None:
+    """tokenizer.json and the model's own tokenizer_config.json, changed as the module says."""
+    config = tokenizer.config | tokenizer.special_tokens
+    config |= {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "chat_template": chat_template,
+    }
+    _copy_file(tokenizer.model_file, path / "tokenizer.json")
+    _write_json(path / "tokenizer_config.json", config)
+
+
+def special_tokens(tokenizer: SentencePieceTokenizer) -> dict[str, dict[str, Any]]:
     """bos/eos/unk/pad token entries as special_tokens_map.json holds them; pad is ropo's pad
     (sentencepiece's pad piece, else EOS: padding is always masked)."""
     ids = {
@@ -88,14 +133,14 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
     return {name: _token_entry(tokenizer, i) for name, i in ids.items()}
 
 
-def added_tokens(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+def added_tokens(tokenizer: SentencePieceTokenizer) -> dict[str, dict[str, Any]]:
     """{id: entry} for every special piece. `normalized: false` matches "</s>" in the raw text,
     so the text after it starts a new piece with its own dummy prefix, as in ropo's encoder."""
     ids = sorted({tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp.unk_id(), tokenizer.pad_id})
     return {str(i): _token_entry(tokenizer, i) | {"special": True} for i in ids}
 
 
-def _token_entry(tokenizer: Tokenizer, token_id: int) -> dict[str, Any]:
+def _token_entry(tokenizer: SentencePieceTokenizer, token_id: int) -> dict[str, Any]:
     return {
         "content": tokenizer.sp.id_to_piece(token_id),
         "lstrip": False,
@@ -103,6 +148,12 @@ def _token_entry(tokenizer: Tokenizer, token_id: int) -> dict[str, Any]:
         "rstrip": False,
         "single_word": False,
     }
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _write_json(target: Path, data: dict) -> None:

@@ -14,6 +14,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 HEADER_LENGTH_BYTES = 8  # a safetensors file starts with its header's length, u64 little-endian
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers as well
 SPECIAL_FILES = {
@@ -99,3 +101,15 @@ def _data_end(header: Any, damaged: str) -> int:
             raise ValueError(f"{damaged}: tensor {name!r} has no valid data_offsets")
         end = max(end, offsets[1])
     return end
+
+
+def save_safetensors(
+    tensors: dict, path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' save_file, then the permissions every other file we write gets (0666 minus
+    the umask): safetensors 0.8 creates its files 0600, which would make a model directory in a
+    shared $MODELS_DIR, or a run's final/, unreadable to everyone but its owner."""
+    save_file(tensors, str(path), metadata)
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ropo.models.config import ModelConfig, read_model_config
-from ropo.models.files import check_safetensors, read_json
+from ropo.models.files import check_safetensors, read_json, save_safetensors
 from ropo.models.llama import Transformer
 
 # Hugging Face name -> our name; {i} is the layer index. Loading is only this renaming, because
@@ -169,19 +168,16 @@ def _check_names_and_shapes(
             wrong.append(f"{name} in {file.name}: {shapes[name]}, expected {expected[ours]}")
         found.add(ours)
     missing += [rename(ours, OURS_TO_HF) or ours for ours in sorted(set(expected) - found)]
-    problems = [
-        f"{label}: {names}"
-        for label, names in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong),
-        )
-        if names
-    ]
-    if problems:
-        raise ValueError(
-            f"checkpoint {path} does not match its config.json; " + "; ".join(problems)
-        )
+    if missing or unexpected or wrong:
+        problems = tensor_mismatch(missing, unexpected, wrong)
+        raise ValueError(f"checkpoint {path} does not match its config.json; {problems}")
+
+
+def tensor_mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """ "missing: a, b; unexpected: c; wrong shape: d": the tensors of a file that do not fit the
+    network its config describes, each kind listed only when there are some."""
+    kinds = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    return "; ".join(f"{label}: {', '.join(names)}" for label, names in kinds if names)
 
 
 def _check_tied_head(model: Transformer, file: Path) -> None:
@@ -240,7 +236,9 @@ def save_weights(
     weight_map = {}
     for filename, names in zip(filenames, shards, strict=True):
         shard = {name: tensors[name].to("cpu").contiguous() for name in names}
-        _write_atomically(path / filename, lambda tmp, s=shard: save_file(s, tmp, {"format": "pt"}))
+        _write_atomically(
+            path / filename, lambda tmp, s=shard: save_safetensors(s, tmp, {"format": "pt"})
+        )
         weight_map.update(dict.fromkeys(names, filename))
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

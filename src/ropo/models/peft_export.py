@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ropo.models.files import save_safetensors
 from ropo.models.load import OURS_TO_HF, rename
 from ropo.models.lora import ADAPTER_NAMES
 
@@ -65,7 +65,7 @@ def save_peft_adapters(
     }
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), {"format": "pt"})
+    save_safetensors(tensors, tmp, {"format": "pt"})
     os.replace(tmp, path / "adapter_model.safetensors")
     tmp = path / ".adapter_config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")

@@ -23,7 +23,15 @@ from ropo.resources import pick_device
 from ropo.task import evaluate, report, tables
 from ropo.task.settings import METHOD_LABELS, TaskSettings, parse_settings
 from ropo.task.stage_cache import StageResult, stage_seconds
-from ropo.task.stages import load_task, stage_eval, stage_pairs, stage_sft, stage_task, stage_train
+from ropo.task.stages import (
+    load_task,
+    sft_model,
+    stage_eval,
+    stage_pairs,
+    stage_sft,
+    stage_task,
+    stage_train,
+)
 
 
 @dataclass
@@ -48,7 +56,7 @@ def prepare(s: TaskSettings, out: Path) -> Prepared:
             prompts = load_task(out).heldout_prompts
             cache.append(
                 evaluate.Judge(
-                    out / "sft",
+                    sft_model(out),
                     prompts,
                     heldout,
                     s.eval_samples,
@@ -60,7 +68,8 @@ def prepare(s: TaskSettings, out: Path) -> Prepared:
             )
         return cache[0]
 
-    return Prepared(pairs, stage_eval(s, out, "sft", out / "sft", [pairs.key], judge), judge)
+    sft_eval = stage_eval(s, out, "sft", sft_model(out), [pairs.key], judge)
+    return Prepared(pairs, sft_eval, judge)
 
 
 def run_method(

@@ -47,7 +47,7 @@ class TaskSettings:
     batch_size: int = 32
     rounds: int = 3  # ROPO rounds; DPO trains rounds * epochs_per_round epochs in one round
     epochs_per_round: int = 1
-    rho: float = 0.2  # share of pairs ROPO drops after each round (the lowest-margin, i.e. highest-loss, ones)
+    rho: float = 0.2  # share of pairs ROPO drops after each round (lowest margin = highest loss)
     alpha: float = 14.0  # ROPO's trade-off α (the paper's default)
     rs_k: int = 4  # rejection sampling: candidates per prompt of a dropped pair
     # evaluation (evaluate.py)

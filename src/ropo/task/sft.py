@@ -1,22 +1,25 @@
 """Stage 2 of the built-in pipeline: a tiny Llama trained from scratch on the task demonstrations.
 
-In: the task's prompts and demonstrations and the tokenizer trained on them. Out: an HF-layout
-model directory (config.json, model.safetensors, tokenizer.model): the SFT model that samples the
+In: the task's prompts and demonstrations and the tokenizer trained on them. The stage writes a
+seeded random model directory (<out>/sft_init) and the demonstrations as {prompt, response}
+records (<out>/sft_data.jsonl), then runs `ropo sft` on them (sft.py, the library function, not
+a subprocess). Out: the run directory <out>/sft, whose final/ is the SFT model that samples the
 preference pairs and serves as the frozen reference of every preference run.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from ropo.logps import collate_sequences, sequence_logps
+from ropo.config_load import load_config
 from ropo.models import ModelConfig, Tokenizer, Transformer, save_model
-from ropo.progress import progress_bar
+from ropo.sft import sft
+from ropo.sft_config import SftConfig
+from ropo.task.settings import TaskSettings
 
 
 def tiny_llama_config(
@@ -45,58 +48,49 @@ def tiny_llama_config(
     )
 
 
-def response_nll(
-    model: Transformer, prompts: list[list[int]], responses: list[list[int]], pad_id: int
-) -> torch.Tensor:
-    """Mean negative log-likelihood per response token over the batch (a scalar)."""
-    input_ids, attention_mask, response_mask = collate_sequences(prompts, responses, pad_id)
-    sums, counts = sequence_logps(model, input_ids, attention_mask, response_mask)
-    return -sums.sum() / counts.sum()
+def write_initial_model(
+    config: ModelConfig, tokenizer: Tokenizer, seed: int, model_dir: Path
+) -> None:
+    """A model directory `ropo sft` starts from: weights drawn with torch seeded by `seed`
+    (models/llama.py's initialisation), config.json and the task's tokenizer.model."""
+    torch.manual_seed(seed)
+    save_model(Transformer(config), model_dir)
+    shutil.copy(tokenizer.model_file, model_dir / "tokenizer.model")
+
+
+def write_demonstrations(prompts: list[str], responses: list[str], path: Path) -> None:
+    """The demonstrations as {"id", "prompt", "response"} records. The ids keep a demonstration
+    that the task drew twice as two examples (without ids, `ropo sft` would skip the repeat)."""
+    with open(path, "w", encoding="utf-8") as file:
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            record = {"id": f"sft-{i:05d}", "prompt": prompt, "response": response}
+            file.write(json.dumps(record) + "\n")
 
 
 def train_sft(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    responses: list[str],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
+    s: TaskSettings, init_dir: Path, data_file: Path, run_dir: Path, max_length: int
 ) -> list[float]:
-    """AdamW on the response NLL, warm-up then cosine decay; returns the loss of every step.
+    """`ropo sft` from `init_dir` on `data_file` into `run_dir` (started over each time) with the
+    task's SFT settings; returns the loss of every step (mean NLL per response token).
 
-    Batches are drawn by a seeded shuffle that repeats over the demonstrations, so the model
-    sees each one about steps * batch_size / N times.
+    AdamW with weight decay 0.01, 5% warm-up then cosine decay, gradients clipped at norm 1;
+    the examples are drawn in a seeded order, epoch after epoch, for `sft_steps` steps.
     """
-    examples = [
-        tokenizer.encode_prompt_response(p, r) for p, r in zip(prompts, responses, strict=True)
+    overrides = [
+        f"model={init_dir}",
+        f"data={data_file}",
+        f"out={run_dir}",
+        "overwrite=true",  # the stage runs again only when its inputs changed: start over
+        "template=plain",  # the task's prompts are plain text
+        f"max_length={max_length}",
+        f"steps={s.sft_steps}",
+        f"batch_size={s.sft_batch_size}",
+        f"lr={s.sft_lr}",
+        "weight_decay=0.01",
+        "warmup_ratio=0.05",
+        f"seed={s.seed}",
+        f"device={s.device}",
     ]
-    rng = random.Random(seed)
-    order: list[int] = []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    losses = []
-    model.train()
-    for step in (bar := progress_bar(range(steps), desc="sft", unit="step")):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-        for group in optimizer.param_groups:
-            cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
-            group["lr"] = lr * min((step + 1) / warmup, cosine)
-        loss = response_nll(model, [p for p, _ in batch], [r for _, r in batch], tokenizer.pad_id)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(nll=f"{loss.item():.3f}")
-    return losses
-
-
-def save_sft(model: Transformer, tokenizer: Tokenizer, out_dir: Path) -> None:
-    """Weights, config.json and tokenizer.model together: a model directory `ropo train` reads."""
-    save_model(model, out_dir)
-    shutil.copy(tokenizer.model_file, out_dir / "tokenizer.model")
+    sft(load_config(None, overrides, config=SftConfig))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]

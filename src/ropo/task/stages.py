@@ -11,17 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ropo.config_load import load_config
 from ropo.data import write_pairs_jsonl
-from ropo.models import Transformer, load_model, load_tokenizer
+from ropo.models import load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
 from ropo.resources import pick_device
 from ropo.task import evaluate
 from ropo.task.pairs import build_pairs, sample_responses
 from ropo.task.settings import TaskSettings
-from ropo.task.sft import save_sft, tiny_llama_config, train_sft
+from ropo.task.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
 from ropo.task.sorting import TaskData, make_task
 from ropo.task.stage_cache import StageResult, run_stage
 from ropo.train import train
@@ -86,8 +84,14 @@ def sft_positions(s: TaskSettings) -> int:
     return 4 * s.max_len + s.max_new_tokens + 8  # "▁" + digit per number, both sides
 
 
+def sft_model(out: Path) -> Path:
+    """The SFT model directory: final/ of the `ropo sft` run of stage 2."""
+    return out / "sft" / "final"
+
+
 def stage_sft(s: TaskSettings, out: Path) -> StageResult:
-    """Stage 2: a tiny Llama trained on the demonstrations, saved as an HF model directory.
+    """Stage 2: a tiny Llama trained from a seeded random start on the demonstrations by
+    `ropo sft`; its run directory is <out>/sft, the model <out>/sft/final (HF layout).
 
     Its inputs are the demonstration and model settings alone (not the task stage's key): the
     demonstrations and the tokenizer do not change with the number of preference prompts.
@@ -95,25 +99,16 @@ def stage_sft(s: TaskSettings, out: Path) -> StageResult:
 
     def work() -> dict[str, Any]:
         task, tokenizer = load_task(out), load_tokenizer(out / "task")
-        torch.manual_seed(s.seed)
-        config = tiny_llama_config(tokenizer, s.dim, s.n_layers, s.n_heads, sft_positions(s))
-        model = Transformer(config).to(pick_device(s.device))
-        losses = train_sft(
-            model,
-            tokenizer,
-            task.sft_prompts,
-            task.demonstrations,
-            s.sft_steps,
-            s.sft_batch_size,
-            s.sft_lr,
-            s.seed,
-        )
-        save_sft(model, tokenizer, out / "sft")
-        (out / "sft_log.json").write_text(json.dumps({"nll": losses}))
+        positions = sft_positions(s)
+        config = tiny_llama_config(tokenizer, s.dim, s.n_layers, s.n_heads, positions)
+        write_initial_model(config, tokenizer, s.seed, out / "sft_init")
+        write_demonstrations(task.sft_prompts, task.demonstrations, out / "sft_data.jsonl")
+        losses = train_sft(s, out / "sft_init", out / "sft_data.jsonl", out / "sft", positions)
         tail = losses[-50:]
         return {"parameters": config.num_params(), "final_nll": sum(tail) / len(tail)}
 
-    return run_stage(out, "sft", _pick(s, DEMO_KEYS, SFT_KEYS), [out / "sft/config.json"], work)
+    outputs = [sft_model(out) / "config.json"]
+    return run_stage(out, "sft", _pick(s, DEMO_KEYS, SFT_KEYS), outputs, work)
 
 
 def stage_pairs(s: TaskSettings, out: Path, task: StageResult, sft: StageResult) -> StageResult:
@@ -122,7 +117,7 @@ def stage_pairs(s: TaskSettings, out: Path, task: StageResult, sft: StageResult)
 
     def work() -> dict[str, Any]:
         prompts = load_task(out)
-        tokenizer, model = load_tokenizer(out / "sft"), load_model(out / "sft")
+        tokenizer, model = load_tokenizer(sft_model(out)), load_model(sft_model(out))
         model = model.to(pick_device(s.device))
         stats = {}
         splits = {"train": prompts.train_prompts, "heldout": prompts.heldout_prompts}
@@ -157,7 +152,7 @@ def stage_train(
 ) -> StageResult:
     """Stage 5: a DPO/ROPO run from the SFT model on the train pairs (`train` flips labels)."""
     overrides = [
-        f"model={out / 'sft'}",
+        f"model={sft_model(out)}",
         f"data={out / 'pairs_train.jsonl'}",
         f"out={run_dir}",
         "overwrite=true",  # the stage runs again only when its inputs changed: start over
@@ -195,7 +190,7 @@ def stage_eval(
     """Stage 6: a policy on the held-out prompts; for a training run also its audit summary."""
 
     def work() -> dict[str, Any]:
-        if model_dir == out / "sft":
+        if model_dir == sft_model(out):
             return {"scores": judge().sft_scores.to_dict()}
         scores = judge().score(model_dir, name)
         audit_file = model_dir.parent / "pairs.jsonl"
