@@ -1,0 +1,191 @@
+"""The constraint task's stages, each a function of ConstraintSettings run through ropo's
+`run_stage` (skipped on a rerun that finds its inputs and outputs unchanged): prompts (1),
+K samples per training prompt (2), pairs (3), a DPO/ROPO run (4; `ropo train` flips the labels)
+and a policy's greedy answers to the held-out prompts, scored (5). pipeline.py calls them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import ropo_constraints
+from ropo.config_load import load_config
+from ropo.generate import run_generate
+from ropo.generate_config import GenerateSettings
+from ropo.task.stage_cache import StageResult, run_stage
+from ropo.train import train
+from ropo_constraints.evaluate import score_responses
+from ropo_constraints.pairs import build_pairs, read_responses, responses_of, write_pairs
+from ropo_constraints.prompts import make_prompts, read_prompts, write_prompts
+from ropo_constraints.settings import ConstraintSettings
+
+PROMPT_KEYS = ("seed", "n_train_prompts", "n_heldout_prompts")
+SAMPLE_KEYS = ("model", "template", "device", "dtype", "seed", "k", "temperature")
+SAMPLE_KEYS += ("max_new_tokens", "gen_batch_size")
+EVAL_KEYS = ("model", "template", "device", "dtype", "max_new_tokens", "gen_batch_size")
+
+
+@functools.cache
+def task_fingerprint() -> str:
+    """Hash of this package's .py files: a stage computed by other task code is rerun (ropo's
+    own source is in every stage's key already, see ropo.task.stage_cache)."""
+    root = Path(ropo_constraints.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _inputs(s: ConstraintSettings, keys: tuple[str, ...], **more: Any) -> dict[str, Any]:
+    return {"task_source": task_fingerprint(), **{k: getattr(s, k) for k in keys}, **more}
+
+
+def stage_prompts(s: ConstraintSettings, out: Path) -> StageResult:
+    """Stage 1: seeded train and held-out prompts -> prompts_{train,heldout}.jsonl."""
+    files = [out / "prompts_train.jsonl", out / "prompts_heldout.jsonl"]
+
+    def work() -> dict[str, Any]:
+        train_specs, heldout_specs = make_prompts(s.n_train_prompts, s.n_heldout_prompts, s.seed)
+        write_prompts(train_specs, files[0])
+        write_prompts(heldout_specs, files[1])
+        return {"train": len(train_specs), "heldout": len(heldout_specs)}
+
+    return run_stage(out, "prompts", _inputs(s, PROMPT_KEYS), files, work)
+
+
+def run_ropo_generate(
+    s: ConstraintSettings, model: str, prompts: Path, out: Path, **sampling: Any
+) -> dict:
+    """`ropo generate` (the library function) of `model` on `prompts` into `out` (JSONL);
+    `sampling` sets temperature, n and seed. Returns its statistics."""
+    stats = run_generate(
+        GenerateSettings(
+            model=model,
+            prompts=str(prompts),
+            out=str(out),
+            template=s.template,
+            max_new_tokens=s.max_new_tokens,
+            batch_size=s.gen_batch_size,
+            device=s.device,
+            dtype=s.dtype,
+            **sampling,
+        )
+    )
+    return {
+        "responses": stats.responses,
+        "new_tokens": stats.new_tokens,
+        "seconds": stats.seconds,
+        "finish": dict(stats.finish),
+    }
+
+
+def stage_samples(s: ConstraintSettings, out: Path, prompts: StageResult) -> StageResult:
+    """Stage 2: K sampled responses of the instruct model per training prompt."""
+    samples = out / "samples_train.jsonl"
+
+    def work() -> dict[str, Any]:
+        sampling = {"temperature": s.temperature, "n": s.k, "seed": s.seed}
+        return run_ropo_generate(s, s.model, out / "prompts_train.jsonl", samples, **sampling)
+
+    inputs = _inputs(s, SAMPLE_KEYS, prompts=prompts.key)
+    return run_stage(out, "samples", inputs, [samples], work)
+
+
+def stage_pairs(s: ConstraintSettings, out: Path, samples: StageResult) -> StageResult:
+    """Stage 3: per training prompt, its best and worst sample by gold reward -> pairs_train.jsonl.
+
+    ValueError when no prompt gives a pair: there would be nothing to train on.
+    """
+    pairs_file = out / "pairs_train.jsonl"
+
+    def work() -> dict[str, Any]:
+        specs = read_prompts(out / "prompts_train.jsonl")
+        sample_file = out / "samples_train.jsonl"
+        responses = responses_of(specs, read_responses(sample_file), sample_file)
+        records, stats = build_pairs(specs, responses)
+        if not records:
+            raise ValueError(
+                f"{sample_file}: the {s.k} responses of every prompt have the same gold reward, "
+                "so there are no pairs; raise k or temperature"
+            )
+        write_pairs(records, pairs_file)
+        return stats.to_dict()
+
+    return run_stage(out, "pairs", _inputs(s, (), samples=samples.key), [pairs_file], work)
+
+
+def method_overrides(method: str, s: ConstraintSettings) -> list[str]:
+    """The `ropo train` keys of `method`; DPO trains as many epochs as ROPO does in all rounds."""
+    if method == "dpo":
+        return ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs}"]
+    return ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}",
+            f"epochs={s.epochs}"]  # fmt: skip
+
+
+def train_overrides(
+    s: ConstraintSettings, out: Path, method: str, noise: float, seed: int, run_dir: Path
+) -> list[str]:
+    """Every `ropo train` key=value of one run: the pairs, the method, the noise and the seed."""
+    return [
+        f"model={s.model}",
+        f"data={out / 'pairs_train.jsonl'}",
+        "format=plain",
+        f"template={s.template}",
+        f"out={run_dir}",
+        "overwrite=true",  # the stage runs again only when its inputs changed: start over
+        f"noise={noise}",
+        f"seed={seed}",
+        f"lr={s.lr}",
+        f"beta={s.beta}",
+        f"batch_size={s.batch_size}",
+        f"max_length={s.max_length}",
+        f"lora_rank={s.lora_rank}",
+        f"dtype={s.dtype}",
+        f"device={s.device}",
+        "log_every=5",
+        *method_overrides(method, s),
+    ]
+
+
+def stage_train(
+    s: ConstraintSettings, out: Path, method: str, noise: float, seed: int, pairs: StageResult
+) -> StageResult:
+    """Stage 4: one `ropo train` run on the pairs, labels flipped at rate `noise` by `seed`."""
+    run_dir = out / "runs" / run_name(method, noise, seed)
+    overrides = train_overrides(s, out, method, noise, seed, run_dir)
+
+    def work() -> dict[str, Any]:
+        train(load_config(None, overrides))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {"last_round": json.loads(lines[-1])}
+
+    inputs = _inputs(s, (), pairs=pairs.key, overrides=overrides)
+    name = f"train/{run_name(method, noise, seed)}"
+    return run_stage(out, name, inputs, [run_dir / "final" / "config.json"], work)
+
+
+def run_name(method: str, noise: float, seed: int) -> str:
+    """The run's folder under <out>/runs, e.g. noise0.2-seed1/ropo."""
+    return f"noise{noise:g}-seed{seed}/{method}"
+
+
+def stage_eval(
+    s: ConstraintSettings, out: Path, name: str, model: str, upstream: list[str]
+) -> StageResult:
+    """Stage 5: greedy answers of `model` to the held-out prompts -> eval/<name>.jsonl, scored
+    by the gold reward (score_responses: mean, bootstrap interval, per-prompt rewards)."""
+    answers = out / "eval" / f"{name}.jsonl"
+
+    def work() -> dict[str, Any]:
+        heldout = out / "prompts_heldout.jsonl"
+        generation = run_ropo_generate(s, model, heldout, answers, temperature=0.0, n=1)
+        specs = read_prompts(heldout)
+        responses = responses_of(specs, read_responses(answers), answers)
+        return {**score_responses(specs, [r[0] for r in responses]), "generation": generation}
+
+    inputs = _inputs(s, EVAL_KEYS, model_dir=model, upstream=upstream)
+    return run_stage(out, f"eval/{name}", inputs, [answers], work)
