@@ -23,10 +23,9 @@ from safetensors import SafetensorError
 from ropo import interrupt, run_dir
 from ropo.config import RunConfig, SectionedConfig, describe_keys
 from ropo.config_load import load_config
-from ropo.eval_config import describe_settings as describe_eval_settings
-from ropo.generate_config import describe_settings as describe_generate_settings
-from ropo.sft_config import SftConfig
-from ropo.sft_config import describe_settings as describe_sft_settings
+from ropo.eval_config import describe_eval_settings
+from ropo.generate_config import describe_generate_settings
+from ropo.sft_config import SftConfig, describe_sft_settings
 
 
 def main(argv: list[str] | None = None) -> int:

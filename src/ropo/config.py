@@ -17,6 +17,11 @@ from typing import Any, ClassVar
 
 # The `template` key: "auto" or a named template of models/chat_templates.py (chat_format.py).
 TEMPLATES = ("auto", "plain", "llama2-chat", "mistral-instruct")
+TEMPLATE_HELP = (
+    "chat template of prompts and responses: auto (the model's own chat_template from "
+    "tokenizer_config.json or chat_template.jinja; plain if it has none) | plain | "
+    "llama2-chat | mistral-instruct"
+)
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -24,6 +29,25 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 def setting(default: Any, help: str) -> Any:
     """A config key: its default and the help line `ropo keys` (or a subcommand's --help) shows."""
     return field(default=default, metadata={"help": help})
+
+
+def setting_help(settings: type, key: str) -> str:
+    """The help line of `key` in the settings dataclass `settings`."""
+    return settings.__dataclass_fields__[key].metadata["help"]
+
+
+def describe_settings(settings: type, header: str = "keys (key=value):") -> str:
+    """`header`, then every key of the settings dataclass `settings` with its default and help
+    line: the --help of a command with one flat set of keys (`ropo generate`, `ropo eval`)."""
+    keys = dataclasses.fields(settings)
+    name_width = max(len(f.name) for f in keys)
+    default_width = max(len(repr(f.default)) for f in keys)
+    lines = [header]
+    for f in keys:
+        lines.append(
+            f"  {f.name:<{name_width}} {f.default!r:<{default_width}} {f.metadata['help']}"
+        )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -95,12 +119,7 @@ class DataFileSettings:
         "", "preference JSONL file or a preset name (ultrafeedback) under $DATA_DIR"
     )
     format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = setting(
-        "auto",
-        "chat template of prompts and responses: auto (the model's own chat_template from "
-        "tokenizer_config.json or chat_template.jinja; plain if it has none) | plain | "
-        "llama2-chat | mistral-instruct",
-    )
+    template: str = setting("auto", TEMPLATE_HELP)
     max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
     strict_data: bool = setting(
         False,

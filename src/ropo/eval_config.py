@@ -13,7 +13,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropo.config import TEMPLATES, check_beta, check_choice, check_device, check_range, setting
+from ropo.config import (
+    TEMPLATE_HELP,
+    TEMPLATES,
+    check_beta,
+    check_choice,
+    check_device,
+    check_range,
+    describe_settings,
+    setting,
+    setting_help,
+)
 from ropo.config_load import load_settings
 from ropo.data_formats import FORMATS
 from ropo.presets import resolve_model
@@ -30,11 +40,7 @@ class EvalSettings:
     data: str = setting("", "preference file, in any format `ropo train` reads (or a data preset)")
     reference: str = setting("", "the reference model ('' = the run's model, for a run's final/)")
     format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = setting(
-        "auto",
-        "chat template: auto (the model's own chat_template; plain if it has none) | plain | "
-        "llama2-chat | mistral-instruct",
-    )
+    template: str = setting("auto", TEMPLATE_HELP)
     max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
     beta: float = setting(0.1, "beta of the implicit reward beta*log(pi/pi_ref) and the DPO loss")
     batch_size: int = setting(16, "pairs scored at once")
@@ -46,7 +52,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         for key in ("model", "data"):
             if not getattr(self, key):
-                raise ValueError(f"config key '{key}' is required: {_help(key)}")
+                help_line = setting_help(EvalSettings, key)
+                raise ValueError(f"config key '{key}' is required: {help_line}")
         check_choice("format", self.format, FORMATS)
         check_choice("template", self.template, TEMPLATES)
         check_range("max_length", self.max_length, 2, None)
@@ -61,20 +68,14 @@ class EvalSettings:
             )
 
 
-def _help(key: str) -> str:
-    return EvalSettings.__dataclass_fields__[key].metadata["help"]
-
-
-def describe_settings() -> str:
+def describe_eval_settings() -> str:
     """Every key of `ropo eval` with its default and meaning (its --help)."""
-    lines = [
-        "keys (key=value); for a run's final/ the run's own reference (its model unless it set",
-        "reference=), beta, format, template, max_length and dtype are the defaults (read from",
-        "the run's run.json):",
-    ]
-    for name, f in EvalSettings.__dataclass_fields__.items():
-        lines.append(f"  {name:<11} {f.default!r:<10} {f.metadata['help']}")
-    return "\n".join(lines)
+    header = (
+        "keys (key=value); for a run's final/ the run's own reference (its model unless it set\n"
+        "reference=), beta, format, template, max_length and dtype are the defaults (read from\n"
+        "the run's run.json):"
+    )
+    return describe_settings(EvalSettings, header)
 
 
 def load_eval_settings(words: list[str]) -> EvalSettings:

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropo.config import TEMPLATES, check_choice, check_device, check_range, setting
+from ropo.config import (
+    TEMPLATE_HELP,
+    TEMPLATES,
+    check_choice,
+    check_device,
+    check_range,
+    describe_settings,
+    setting,
+    setting_help,
+)
 
 LAYOUTS = ("jsonl", "alpaca_eval", "mt_bench")  # the files of generate_layouts.py
 
@@ -21,11 +30,7 @@ class GenerateSettings:
     out: str = setting("", "file to write the responses to (replaced if it exists)")
     layout: str = setting("jsonl", "jsonl | alpaca_eval | mt_bench: the file's layout")
     generator: str = setting("", "name written into the outputs ('' = the model directory's name)")
-    template: str = setting(
-        "auto",
-        "chat template: auto (the model's own chat_template; plain if it has none) | plain | "
-        "llama2-chat | mistral-instruct",
-    )
+    template: str = setting("auto", TEMPLATE_HELP)
     max_new_tokens: int = setting(512, "length limit of each response (and of each MT-Bench turn)")
     temperature: float = setting(0.0, "0 = greedy; otherwise sampling at this temperature")
     top_p: float = setting(1.0, "nucleus sampling threshold (with temperature > 0)")
@@ -38,7 +43,8 @@ class GenerateSettings:
     def __post_init__(self) -> None:
         for key in ("model", "prompts", "out"):
             if not getattr(self, key):
-                raise ValueError(f"config key '{key}' is required: {_help(key)}")
+                help_line = setting_help(GenerateSettings, key)
+                raise ValueError(f"config key '{key}' is required: {help_line}")
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("template", self.template, TEMPLATES)
         check_range("max_new_tokens", self.max_new_tokens, 1, None)
@@ -60,13 +66,6 @@ class GenerateSettings:
             )
 
 
-def _help(key: str) -> str:
-    return GenerateSettings.__dataclass_fields__[key].metadata["help"]
-
-
-def describe_settings() -> str:
+def describe_generate_settings() -> str:
     """Every key of `ropo generate` with its default and meaning (its --help)."""
-    lines = ["keys (key=value):"]
-    for name, f in GenerateSettings.__dataclass_fields__.items():
-        lines.append(f"  {name:<16} {f.default!r:<9} {f.metadata['help']}")
-    return "\n".join(lines)
+    return describe_settings(GenerateSettings)

@@ -62,6 +62,6 @@ class SftConfig(SectionedConfig):
     run: RunDirSettings = field(default_factory=RunDirSettings)
 
 
-def describe_settings() -> str:
+def describe_sft_settings() -> str:
     """Every key of `ropo sft` with its default and meaning (its --help)."""
     return "keys (key=value, or key: value in --config FILE.yaml):\n" + describe_keys(SftConfig)

@@ -22,7 +22,7 @@ from ropo.config_load import load_settings
 from ropo.task.stage_cache import stage_seconds
 from ropo_constraints.evaluate import summarise_cell
 from ropo_constraints.report import results_table, write_report
-from ropo_constraints.settings import ConstraintSettings, describe_settings
+from ropo_constraints.settings import ConstraintSettings, describe_constraint_settings
 from ropo_constraints.stages import (
     run_name,
     stage_eval,
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     user's error, 128 + N on signal N (the finished stages are kept)."""
     words = sys.argv[1:] if argv is None else argv
     if any(word in ("-h", "--help") for word in words):
-        print(f"usage: {COMMAND} out=DIR [key=value ...]\n\n{__doc__}\n{describe_settings()}")
+        usage = f"usage: {COMMAND} out=DIR [key=value ...]"
+        print(f"{usage}\n\n{__doc__}\n{describe_constraint_settings()}")
         return 0
     settings = None
     try:

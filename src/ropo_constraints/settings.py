@@ -7,9 +7,18 @@ docs/real_model.md; the stages (stages.py) read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ropo.config import FilterSettings, LossSettings, check_device, check_range, setting
+from ropo.config import (
+    TEMPLATES,
+    FilterSettings,
+    LossSettings,
+    check_choice,
+    check_device,
+    check_range,
+    describe_settings,
+    setting,
+)
 
 METHODS = ("dpo", "ropo")
 
@@ -46,6 +55,8 @@ class ConstraintSettings:
         if not self.out:
             raise ValueError("config key 'out' is required: the directory for the stages' files")
         check_device(self.device)
+        check_choice("template", self.template, TEMPLATES)
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name in ("n_train_prompts", "n_heldout_prompts", "max_new_tokens", "gen_batch_size"):
             check_range(name, getattr(self, name), 1, None)
         for name in ("batch_size", "epochs", "rounds", "max_length"):
@@ -93,9 +104,6 @@ def _items(key: str, text: str, kind: type) -> list:
     return values
 
 
-def describe_settings() -> str:
+def describe_constraint_settings() -> str:
     """Every key with its default and meaning (the --help)."""
-    lines = ["keys (key=value):"]
-    for f in fields(ConstraintSettings):
-        lines.append(f"  {f.name:<18} {f.default!r:<14} {f.metadata['help']}")
-    return "\n".join(lines)
+    return describe_settings(ConstraintSettings)
