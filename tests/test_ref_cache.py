@@ -141,6 +141,8 @@ def test_a_reference_of_another_network_or_tokenizer_is_refused(
     config = dataclasses.replace(read_model_config(tiny_model_dir), intermediate_size=96)
     save_model(Transformer(config), wider)
     retokenized = Path(shutil.copytree(tiny_model_dir, tmp_path / "retokenized"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 8
     with capsys.disabled():  # sentencepiece writes its log to the real stderr
         train_tokenizer([*texts, "Question: Answer:"], retokenized, vocab_size=300)
@@ -151,6 +153,7 @@ def test_a_reference_of_another_network_or_tokenizer_is_refused(
         retokenized: f"{retokenized}/tokenizer.model differs from the policy's "
         f"{tiny_model_dir}/tokenizer.model",
         tmp_path / "missing": f"config key 'reference': model directory {tmp_path / 'missing'}",
+        empty: f"config key 'reference': no config.json in {empty}",
     }
     for reference_dir, message in cases.items():
         out = tmp_path / f"run-{reference_dir.name}"

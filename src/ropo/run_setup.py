@@ -184,10 +184,10 @@ def reference_model_dir(cfg: RunConfig, model_dir: Path) -> Path:
         return model_dir
     try:
         reference_dir = resolve_model(cfg.model.reference)
-    except (FileNotFoundError, ValueError) as err:
+        if reference_dir.resolve() != model_dir.resolve():
+            check_reference_model(model_dir, reference_dir)
+    except (FileNotFoundError, ValueError) as err:  # e.g. a directory without config.json
         raise type(err)(f"config key 'reference': {err}") from None
-    if reference_dir.resolve() != model_dir.resolve():
-        check_reference_model(model_dir, reference_dir)
     return reference_dir
 
 
