@@ -10,7 +10,6 @@ answered turn by turn: turn k's prompt is the conversation so far, the model's o
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from ropo.models.chat_format import PLAIN, ChatFormat, load_chat_format
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 from ropo.presets import resolve_model
+from ropo.progress import PlainProgress, progress_bar
 from ropo.resources import pick_device
 from ropo.run_setup import DTYPES, check_vocab
 
@@ -106,8 +106,7 @@ def answer(
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     total = sum(c.record.n_turns for c in conversations)
-    interval = 0.1 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s
-    with tqdm(total=total, desc="generate", unit="prompt", mininterval=interval) as progress:
+    with progress_bar(total=total, desc="generate", unit="prompt") as progress:
         for turn in range(max(c.record.n_turns for c in conversations)):
             waiting = [c for c in conversations if turn < c.record.n_turns]
             texts = [render_prompt(c.messages, chat, c.record.source) for c in waiting]
@@ -139,7 +138,7 @@ def answer_prompts(
     cfg: GenerateSettings,
     generator: torch.Generator,
     stats: GenerationStats,
-    progress: tqdm,
+    progress: tqdm | PlainProgress,
 ) -> list[Response]:
     """One Response per prompt, in the given order, from batches of similar length.
 
