@@ -24,6 +24,8 @@ TEMPLATE_HELP = (
 )
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# How rejection sampling picks its pair (filter/rejection.py parses and documents them).
+RS_PAIR_RULES = ("reward", "reward+original", "likelihood", "likelihood+original")
 
 
 def setting(default: Any, help: str) -> Any:
@@ -198,9 +200,24 @@ class LossSettings:
 @dataclass(frozen=True)
 class FilterSettings:
     rounds: int = setting(3, "train-then-filter rounds; rounds=1 rho=0 is plain training")
-    rho: float = setting(
-        0.2, "share of pairs dropped after each round (lowest margin = highest ROPO loss)"
+    rho: float | str = setting(
+        0.2,
+        "share of pairs dropped after each round (lowest margin = highest ROPO loss), or auto: "
+        "the flip rate estimated from the margins each round (filter/noise_rate.py)",
     )
+    filter_score: str = setting(
+        "margin",
+        "what the w-step ranks pairs by, lowest dropped first: margin (the implicit reward "
+        "margin, the order of the paper's loss) or preference (the policy's own log-prob ratio "
+        "log pi(chosen)/pi(rejected): also counts what the starting model preferred; for pairs "
+        "sampled from the starting model, docs/method.md)",
+    )
+    last_round: str = setting(
+        "continue",
+        "continue: the last round trains on like the rounds before it (our reconstruction of the "
+        "paper); restart: a fresh policy from the starting model, plain DPO on the kept pairs",
+    )
+    last_round_epochs: int = setting(0, "epochs of the last round (0 = epochs)")
     rejection_sampling: bool = setting(
         False, "replace dropped pairs by pairs sampled from the policy"
     )
@@ -208,14 +225,34 @@ class FilterSettings:
     rs_temperature: float = setting(1.0, "sampling temperature for rejection sampling")
     rs_top_p: float = setting(1.0, "nucleus sampling threshold for rejection sampling")
     rs_max_new_tokens: int = setting(128, "length limit of sampled responses")
+    rs_pair_rule: str = setting(
+        "reward",
+        "how a sampled pair is picked from the candidates: reward (highest vs lowest implicit "
+        "reward of the K samples) | likelihood (highest vs lowest policy log-prob per token); "
+        "+original adds the dropped pair's two responses to the candidates (docs/method.md 4)",
+    )
 
     def __post_init__(self) -> None:
         check_range("rounds", self.rounds, 1, None)
-        check_range("rho", self.rho, 0.0, 1.0, high_open=True)
+        if self.rho != "auto":
+            if isinstance(self.rho, str):
+                raise ValueError(
+                    f"config key 'rho' = {self.rho!r}: expected a share in [0, 1) or auto"
+                )
+            check_range("rho", self.rho, 0.0, 1.0, high_open=True)
+        check_choice("filter_score", self.filter_score, ("margin", "preference"))
+        check_choice("last_round", self.last_round, ("continue", "restart"))
+        if self.last_round == "restart" and self.rounds < 2:
+            raise ValueError(
+                "config key 'last_round' = 'restart' needs rounds >= 2 (got rounds="
+                f"{self.rounds}): the rounds before the last one find the pairs it drops"
+            )
+        check_range("last_round_epochs", self.last_round_epochs, 0, None)
         check_range("rs_k", self.rs_k, 2, None)
         check_range("rs_temperature", self.rs_temperature, 0.0, None)
         check_range("rs_top_p", self.rs_top_p, 0.0, 1.0, low_open=True)
         check_range("rs_max_new_tokens", self.rs_max_new_tokens, 1, None)
+        check_choice("rs_pair_rule", self.rs_pair_rule, RS_PAIR_RULES)
 
 
 @dataclass(frozen=True)

@@ -194,8 +194,20 @@ def _check_unique_keys(node: yaml.Node | None, where: str) -> None:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner: type) -> Any:
     expected = typing.get_type_hints(owner)[key]
-    if isinstance(expected, types.UnionType):
-        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if not isinstance(expected, types.UnionType):
+        return _coerce_to(key, value, expected, where)
+    # A key that takes a number or a word (rho: 0.2 or auto) tries the types in declared order;
+    # the settings class then checks which words it accepts.
+    kinds = [t for t in typing.get_args(expected) if t is not type(None)]
+    for kind in kinds[:-1]:
+        try:
+            return _coerce_to(key, value, kind, where)
+        except ValueError:
+            pass
+    return _coerce_to(key, value, kinds[-1], where)
+
+
+def _coerce_to(key: str, value: Any, expected: type, where: str) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str):

@@ -45,6 +45,7 @@ def sample_replacements(
         tokenizer.pad_id,
         generator,
         vocab_limit=tokenizer.vocab_size,
+        pair_rule=cfg.filter.rs_pair_rule,
     )
     del reference
     policy.train()

@@ -127,6 +127,9 @@ class LoopState(LoopPosition):
 
     round_idx: int = 0
     kept_ids: list[str] | None = None  # None: every pair (round 0)
+    # The global step where the learning-rate schedule began: 0, or where last_round=restart
+    # started its fresh policy (step.planned_steps).
+    schedule_start: int = 0
     sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
     # Held-out metrics of the policy before round 1, written with round 1's metrics line: kept
     # here so that a run resumed within round 1 writes the same line.

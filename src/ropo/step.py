@@ -63,14 +63,31 @@ def make_optimizer(model: Transformer, cfg: OptimSettings) -> torch.optim.Optimi
     )
 
 
-def planned_steps(n_pairs: int, cfg: RunConfig) -> int:
-    """Optimizer steps if every round trained on all N pairs: the schedule's length.
+def round_epochs(cfg: RunConfig, round_idx: int) -> int:
+    """Epochs of round `round_idx` (0-based): `epochs`, or `last_round_epochs` for the last."""
+    if round_idx == cfg.filter.rounds - 1 and cfg.filter.last_round_epochs:
+        return cfg.filter.last_round_epochs
+    return cfg.optim.epochs
 
-    Later rounds train on (1 - rho) N kept pairs plus at most rho N sampled ones, so the real
-    count is at most this; the decay then ends slightly above zero, never past it.
+
+def restarts(cfg: RunConfig, round_idx: int) -> bool:
+    """Whether round `round_idx` trains a fresh policy with plain DPO (last_round=restart)."""
+    return cfg.filter.last_round == "restart" and round_idx == cfg.filter.rounds - 1
+
+
+def planned_steps(n_pairs: int, n_train_pairs: int, round_idx: int, cfg: RunConfig) -> int:
+    """The length of the learning-rate schedule that round `round_idx` follows, in steps.
+
+    One schedule spans every round, planned as if each trained on all N = `n_pairs` pairs: later
+    rounds train on (1 - rho) N kept pairs plus at most rho N sampled ones, so the real count is
+    at most this; the decay then ends slightly above zero, never past it. A restarted last round
+    is a new run: it gets a schedule of its own over its `n_train_pairs` (kept and sampled).
     """
     pairs_per_step = cfg.optim.batch_size * cfg.optim.grad_accum
-    return cfg.filter.rounds * cfg.optim.epochs * math.ceil(n_pairs / pairs_per_step)
+    if restarts(cfg, round_idx):
+        return round_epochs(cfg, round_idx) * math.ceil(n_train_pairs / pairs_per_step)
+    rounds = [r for r in range(cfg.filter.rounds) if not restarts(cfg, r)]
+    return sum(round_epochs(cfg, r) for r in rounds) * math.ceil(n_pairs / pairs_per_step)
 
 
 def steps_to_go(
@@ -78,13 +95,15 @@ def steps_to_go(
 ) -> int:
     """Optimizer steps left from (round_idx, epoch, step_in_epoch) while training on
     `n_train_pairs` this round: for the progress line, not the schedule. Later rounds train on
-    the kept (1 - rho) N; pairs that rejection sampling will add are not known yet."""
+    the kept (1 - rho) N (with rho=auto: as many as this round); pairs that rejection sampling
+    will add are not known yet."""
     pairs_per_step = cfg.optim.batch_size * cfg.optim.grad_accum
-    epochs = cfg.optim.epochs
+    epochs = round_epochs(cfg, round_idx)
     this_round = (epochs - epoch) * math.ceil(n_train_pairs / pairs_per_step) - step_in_epoch
-    later_rounds = cfg.filter.rounds - round_idx - 1
-    kept = keep_count(n_pairs, cfg.filter.rho)
-    return this_round + later_rounds * epochs * math.ceil(kept / pairs_per_step)
+    rho = cfg.filter.rho
+    kept = n_train_pairs if rho == "auto" else keep_count(n_pairs, rho)
+    later = range(round_idx + 1, cfg.filter.rounds)
+    return this_round + sum(round_epochs(cfg, r) for r in later) * math.ceil(kept / pairs_per_step)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimSettings) -> float:
@@ -201,6 +220,14 @@ def pair_losses(
     losses = loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
     margins = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
     return losses, margins.detach()
+
+
+def policy_preferences(loss_fn: PreferenceLoss, policy: PairLogps) -> torch.Tensor:
+    """log pi(chosen) - log pi(rejected) per pair (N,), in the loss's log-prob convention: the
+    margin plus the reference's own preference, for filter_score=preference."""
+    if loss_fn.length_normalized:
+        policy = policy.mean()
+    return (policy.chosen - policy.rejected).detach()
 
 
 def clip_gradients(model: Transformer, max_grad_norm: float) -> torch.Tensor:

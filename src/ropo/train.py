@@ -3,7 +3,9 @@
     config -> tokenizer and data (+ injected noise) -> policy and reference log-prob cache
     for each round:  train on the kept pairs (+ sampled pairs) with the chosen loss  (theta-step)
                      score every pair with the policy, keep the highest-margin (1 - rho) N  (w-step)
+                     (rho=auto: rho is the flip rate estimated from those margins)
                      write the audit; optionally sample new pairs for dropped prompts
+    last_round=restart: the last round trains a fresh policy with plain DPO on the kept pairs
 `loss=dpo rounds=1 rho=0` is plain DPO through the same code. Under torchrun every process runs
 this same loop; distributed.py shards the model, the steps and the scoring, and rank 0 writes.
 Setup, resume and the final save are in run_setup.py; rejection sampling is in resample.py.
@@ -12,6 +14,7 @@ Setup, resume and the final save are in run_setup.py; rejection sampling is in r
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +27,27 @@ from ropo.data import TokenizedPair
 from ropo.distributed import is_main
 from ropo.evaluate import heldout_metrics
 from ropo.faults import maybe_crash
+from ropo.filter.noise_rate import estimate_flip_rate
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
+from ropo.loss import PreferenceLoss, get_loss
 from ropo.models.llama import Transformer
 from ropo.progress import RunProgress, progress_bar
 from ropo.ref_cache import RefLogps, reference_logps
 from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
-from ropo.run_setup import LoopState, Run, save_final, start_or_resume, start_run
+from ropo.run_setup import LoopState, Run, build_policy, save_final, start_or_resume, start_run
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.step import (
     StepStats,
     autocast,
     epoch_steps,
     learning_rate,
+    make_optimizer,
     pair_losses,
     planned_steps,
+    policy_preferences,
+    restarts,
+    round_epochs,
     steps_to_go,
     train_step,
 )
@@ -61,16 +70,18 @@ def train(cfg: RunConfig) -> Path:
         ref = reference(run, run.data.tokens)
         heldout_ref = reference(run, run.data.heldout.tokens) if run.data.heldout else None
         policy, optimizer, state = start_or_resume(run)
+        learner = Learner(policy, optimizer)
+        del policy, optimizer  # the learner holds the only references: a restart frees them
         ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
         run_bar = RunProgress(cfg.filter.rounds, state.global_step, not is_main())
         try:
-            train_rounds(run, policy, optimizer, ref, state, heldout_ref, run_bar)
+            train_rounds(run, learner, ref, state, heldout_ref, run_bar)
         except Interrupted as stop:
             stop.where = position(state, cfg)
             raise
         finally:
             run_bar.close()
-        save_final(run, policy)
+        save_final(run, learner.policy)
         if is_main():
             wall = time.perf_counter() - start
             print(run_summary(run.out, run.data.summary, wall, state.n_skipped_nonfinite))
@@ -78,10 +89,18 @@ def train(cfg: RunConfig) -> Path:
     return run.out
 
 
+@dataclass
+class Learner:
+    """The policy being trained and its optimizer: last_round=restart replaces both."""
+
+    policy: Transformer
+    optimizer: torch.optim.Optimizer
+
+
 def position(state: LoopState, cfg: RunConfig) -> str:
     """Where the loop stands, in words (1-based, as on the progress bars)."""
     where = f"round {state.round_idx + 1}/{cfg.filter.rounds}"
-    if state.epoch >= cfg.optim.epochs:
+    if state.epoch >= round_epochs(cfg, state.round_idx):
         return f"at the end of {where} (scoring or sampling), after global step {state.global_step}"
     return f"in {where}, epoch {state.epoch + 1}, after global step {state.global_step}"
 
@@ -105,8 +124,7 @@ def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
 
 def train_rounds(
     run: Run,
-    policy: Transformer,
-    optimizer: torch.optim.Optimizer,
+    learner: Learner,
     ref: RefLogps,
     state: LoopState,
     heldout_ref: RefLogps | None,
@@ -117,16 +135,18 @@ def train_rounds(
     cfg, device = run.cfg, run.step.device
     by_id = {pair.id: pair for pair in run.data.tokens}
     if state.global_step == 0:  # the policy is still the initial one
-        state.eval_start = evaluate_heldout(run, policy, heldout_ref, "held-out, start")
+        state.eval_start = evaluate_heldout(run, learner.policy, heldout_ref, "held-out, start")
     for round_idx in range(state.round_idx, cfg.filter.rounds):
         kept = state.kept_ids if state.kept_ids is not None else list(by_id)
         train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
         now_at = (round_idx, state.epoch, state.step_in_epoch)
         to_go = steps_to_go(len(by_id), len(train_pairs), *now_at, cfg)
         run_bar.set_total(state.global_step + to_go)
-        for epoch in range(state.epoch, cfg.optim.epochs):
+        schedule = planned_steps(len(by_id), len(train_pairs), round_idx, cfg)
+        for epoch in range(state.epoch, round_epochs(cfg, round_idx)):
             steps = epoch_steps(train_pairs, cfg, round_idx, epoch)
-            train_epoch(run, policy, optimizer, ref, state, steps, heldout_ref, run_bar)
+            train_epoch(run, learner, ref, state, steps, schedule, heldout_ref, run_bar)
+        policy = learner.policy
         extra = {"n_skipped_nonfinite": state.n_skipped_nonfinite}  # for the metrics line
         extra |= evaluate_heldout(run, policy, heldout_ref, f"held-out, round {round_idx + 1}")
         if round_idx == 0:  # the start values go into round 1's line (README)
@@ -138,27 +158,50 @@ def train_rounds(
             with autocast(device, run.step.autocast):
                 state.sampled = sample_replacements(run, policy, decision, round_idx)
             ref = ref.extend(sampled_ref_logps(state.sampled))
+        del policy
+        if restarts(cfg, round_idx + 1):
+            restart_policy(run, learner, state)
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
         maybe_crash("round_end")
-        save(run, f"round-{round_idx + 1}", policy, optimizer, state)
+        save(run, f"round-{round_idx + 1}", learner.policy, learner.optimizer, state)
+
+
+def restart_policy(run: Run, learner: Learner, state: LoopState) -> None:
+    """last_round=restart: the last round starts again from the model directory, with a fresh
+    AdamW and a learning-rate schedule of its own, so that none of what the earlier rounds
+    learned from the flipped pairs they trained on carries into the final policy."""
+    learner.optimizer.state.clear()  # its moments go first: the old and new weights then fit
+    learner.policy = build_policy(run)
+    learner.optimizer = make_optimizer(learner.policy, run.cfg.optim)
+    state.schedule_start = state.global_step
+
+
+def round_loss(run: Run, round_idx: int) -> PreferenceLoss:
+    """The loss round `round_idx` trains and scores with: the configured one, or plain DPO (at
+    the same beta) for a restarted last round."""
+    if restarts(run.cfg, round_idx):
+        return get_loss("dpo", beta=run.cfg.loss.beta)
+    return run.loss_fn
 
 
 def train_epoch(
     run: Run,
-    policy: Transformer,
-    optimizer: torch.optim.Optimizer,
+    learner: Learner,
     ref: RefLogps,
     state: LoopState,
     steps: list[list[list[TokenizedPair]]],
+    schedule: int,
     heldout_ref: RefLogps | None,
     run_bar: RunProgress,
 ) -> None:
     """The theta-step for one epoch's `steps` (micro-batches of pairs), from
-    `state.step_in_epoch` on (a resumed run skips ahead); the held-out pairs are scored every
+    `state.step_in_epoch` on (a resumed run skips ahead), on a learning-rate schedule `schedule`
+    steps long that began at `state.schedule_start`; the held-out pairs are scored every
     `eval_every` steps."""
     cfg = run.cfg
-    total_steps = planned_steps(len(run.data.tokens), cfg)
-    rounds, epochs = cfg.filter.rounds, cfg.optim.epochs
+    policy, optimizer = learner.policy, learner.optimizer
+    loss_fn = round_loss(run, state.round_idx)
+    rounds, epochs = cfg.filter.rounds, round_epochs(cfg, state.round_idx)
     desc = f"round {state.round_idx + 1}/{rounds} epoch {state.epoch + 1}/{epochs}"
     bar = progress_bar(
         total=len(steps), initial=state.step_in_epoch, desc=desc, unit="step",
@@ -169,8 +212,8 @@ def train_epoch(
     # closed on the way out, so that an error or interrupt line starts a line of its own.
     with bar, interrupt.deferred_sigterm(enabled=distributed.world_size() == 1):
         for step_idx in range(state.step_in_epoch, len(steps)):
-            lr = learning_rate(state.global_step, total_steps, cfg.optim)
-            stats = train_step(policy, optimizer, steps[step_idx], ref, run.loss_fn, lr, run.step)
+            lr = learning_rate(state.global_step - state.schedule_start, schedule, cfg.optim)
+            stats = train_step(policy, optimizer, steps[step_idx], ref, loss_fn, lr, run.step)
             where = f"round {state.round_idx + 1}, global step {state.global_step + 1}"
             check_step(run, state, stats.skipped, where)
             state.global_step += 1
@@ -196,10 +239,13 @@ def end_of_round(
     run: Run, policy: Transformer, ref: RefLogps, round_idx: int, extra: dict[str, Any]
 ) -> DropDecision:
     """The w-step: score every pair with the policy, keep the (1 - rho) N highest-margin pairs
-    (for ROPO and DPO: the lowest-loss ones; filter/weights.py says why the margin).
+    (for ROPO and DPO: the lowest-loss ones; filter/weights.py says why the margin), or with
+    filter_score=preference the highest log pi(chosen)/pi(rejected). With rho=auto, rho is the
+    share of flipped pairs estimated from those scores (noise_rate.py).
 
     Writes the round's audit lines, its metrics (with `extra`: the run's count of skipped NaN/inf
-    steps so far, the held-out metrics) and the cleaned dataset (kept pairs).
+    steps so far, the held-out metrics; and the noise estimate and the rho used) and the cleaned
+    dataset (kept pairs).
     """
     cfg, data, out = run.cfg, run.data, run.out
     ids = [pair.id for pair in data.tokens]
@@ -212,8 +258,15 @@ def end_of_round(
     )
     reference = ref.lookup(ids)
     with torch.no_grad():
-        losses, margins = pair_losses(run.loss_fn, scores, reference)
-    decision = select_drops(ids, margins, cfg.filter.rho)  # the same on every rank
+        loss_fn = round_loss(run, round_idx)
+        losses, margins = pair_losses(loss_fn, scores, reference)
+        ranking = (
+            margins if cfg.filter.filter_score == "margin" else policy_preferences(loss_fn, scores)
+        )
+    noise_estimate = estimate_flip_rate(ranking)  # recorded also when rho is fixed
+    rho = noise_estimate if cfg.filter.rho == "auto" else cfg.filter.rho
+    decision = select_drops(ids, ranking, rho)  # the same on every rank
+    extra = {"noise_estimate": noise_estimate, "rho_used": rho, **extra}
     if is_main():
         records = audit.pair_records(
             round_idx + 1, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips

@@ -4,7 +4,18 @@ After a round's w-step, every prompt of a dropped pair gets K responses sampled 
 policy. Each response is scored by its implicit reward r(y) = beta * log(pi_theta(y|x) /
 pi_ref(y|x)) (summed log-probs), and the pair (highest reward, lowest reward) - the candidate pair
 the model is most confident about, hence the one with the lowest ROPO loss - joins the next
-round's training set. (ROPO paper, Sec. "rejection sampling"; our reconstruction of the details.)
+round's training set. The paper names this step and its purpose ("to compensate for the potential
+important information in discarded queries", abstract); the pair rule, K and the sampling
+settings are our reconstruction (docs/method.md §4).
+
+`pair_rule` picks another way to build the pair (the key rs_pair_rule): "likelihood" ranks the
+candidates by the policy's mean log-prob per token instead, and "+original" adds the dropped
+pair's two responses to the K samples. On the built-in task the implicit reward of on-policy
+samples favours rare wrong answers: a sample the policy drew despite a tiny reference
+probability tends to be one it raised far above the reference, while the right answer, which the
+reference already gives most of its mass, can gain at most -log pi_ref(y) (docs/method.md §4).
+The policy's own likelihood has no pi_ref to divide by, so it does not favour rare samples; with
+"+original" it mostly puts the dropped pair back, in the order the policy prefers.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from ropo.data import TokenizedPair
 from ropo.faults import maybe_crash
@@ -20,6 +32,8 @@ from ropo.logps import PairLogps, collate_sequences, sequence_logps
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 from ropo.progress import progress_bar
+
+PAIR_SCORES = ("reward", "likelihood")  # how candidates are ranked; "+original" may follow
 
 
 @dataclass
@@ -47,11 +61,14 @@ def rejection_sample(
     generator: torch.Generator,
     vocab_limit: int | None = None,
     prompts_per_batch: int = 8,
+    pair_rule: str = "reward",
 ) -> SampledPairs:
-    """One new pair per distinct prompt of `dropped`, id "<pair id>@rs<round>".
+    """One new pair per distinct prompt of `dropped`, id "<pair id>@rs<round>", built by
+    `pair_rule` (module docstring; "reward" is the rule above).
 
-    Prompts whose K samples are all identical give no pair and are counted in `skipped`.
+    Prompts whose candidates are all identical give no pair and are counted in `skipped`.
     """
+    score_name, with_original = parse_pair_rule(pair_rule)
     unique = list({pair.prompt_ids: pair for pair in dropped}.values())
     pairs, picked_policy, picked_ref = [], [], []
     skipped = {"identical_samples": 0}
@@ -76,15 +93,16 @@ def rejection_sample(
         )
         maybe_crash("rejection_sampling")
         samples = [s if s else [eos_id] for s in samples]  # an empty sample is just "stop"
-        batch = collate_sequences(prompts, samples, pad_id)
-        batch = [t.to(policy.output.weight.device) for t in batch]
-        with torch.inference_mode():
-            policy_logps, _ = sequence_logps(policy.eval(), *batch)
-            ref_logps, _ = sequence_logps(reference.eval(), *batch)
-        rewards = (beta * (policy_logps - ref_logps)).view(len(group), k)  # (G, K)
+        candidates = candidate_responses(group, samples, k, with_original)  # G lists of C
+        n_candidates = len(candidates[0])
+        policy_logps, ref_logps, n_tokens = score_candidates(
+            policy, reference, group, candidates, pad_id
+        )
+        scores = candidate_scores(score_name, policy_logps, ref_logps, n_tokens, beta)
+        scores = scores.view(len(group), n_candidates)  # (G, C)
         for g, source in enumerate(group):
-            best, worst = rewards[g].argmax().item(), rewards[g].argmin().item()
-            chosen, rejected = samples[g * k + best], samples[g * k + worst]
+            best, worst = scores[g].argmax().item(), scores[g].argmin().item()
+            chosen, rejected = candidates[g][best], candidates[g][worst]
             if chosen == rejected:
                 skipped["identical_samples"] += 1
                 continue
@@ -93,12 +111,69 @@ def rejection_sample(
                     f"{source.id}@rs{round_idx}", source.prompt_ids, tuple(chosen), tuple(rejected)
                 )
             )
-            rows = torch.tensor([g * k + best, g * k + worst])
+            rows = torch.tensor([g * n_candidates + best, g * n_candidates + worst])
             picked_policy.append(policy_logps[rows].float().cpu())
             picked_ref.append(ref_logps[rows].float().cpu())
     return SampledPairs(
         pairs, _as_pair_logps(picked_policy, pairs), _as_pair_logps(picked_ref, pairs), skipped
     )
+
+
+def parse_pair_rule(pair_rule: str) -> tuple[str, bool]:
+    """("reward" or "likelihood", whether the dropped pair's responses are candidates too)."""
+    score_name, plus, extra = pair_rule.partition("+")
+    if score_name not in PAIR_SCORES or (plus and extra != "original"):
+        rules = [f"{name}{suffix}" for name in PAIR_SCORES for suffix in ("", "+original")]
+        raise ValueError(f"rs_pair_rule = {pair_rule!r} is not one of {', '.join(rules)}")
+    return score_name, bool(plus)
+
+
+def candidate_responses(
+    group: Sequence[TokenizedPair], samples: list[list[int]], k: int, with_original: bool
+) -> list[list[list[int]]]:
+    """Response ids of each prompt's candidates: its K samples (rows g*K .. g*K+K-1 of
+    `samples`), then, `with_original`, the dropped pair's chosen and rejected response."""
+    candidates = []
+    for g, pair in enumerate(group):
+        own = samples[g * k : (g + 1) * k]
+        if with_original:
+            own = [*own, list(pair.chosen_ids), list(pair.rejected_ids)]
+        candidates.append(own)
+    return candidates
+
+
+def score_candidates(
+    policy: Transformer,
+    reference: Transformer,
+    group: Sequence[TokenizedPair],
+    candidates: list[list[list[int]]],
+    pad_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed policy and reference log-probs of every candidate response and its token count,
+    each (G * C,), prompt-major (row g * C + c is candidate c of prompt g)."""
+    pairs_by_row = [pair for pair, own in zip(group, candidates, strict=True) for _ in own]
+    prompts = [list(pair.prompt_ids) for pair in pairs_by_row]
+    responses = [response for own in candidates for response in own]
+    batch = collate_sequences(prompts, responses, pad_id)
+    batch = [t.to(policy.output.weight.device) for t in batch]
+    with torch.inference_mode():
+        policy_logps, n_tokens = sequence_logps(policy.eval(), *batch)
+        ref_logps, _ = sequence_logps(reference.eval(), *batch)
+    return policy_logps, ref_logps, n_tokens
+
+
+def candidate_scores(
+    score_name: str, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor, beta: float
+) -> Tensor:
+    """The score each candidate is ranked by, (R,) from summed log-probs and token counts (R,).
+
+    reward: the implicit reward beta * (log pi_theta - log pi_ref), summed (DPO paper eq. 5).
+    likelihood: log pi_theta per response token; the mean, so that length alone does not
+    decide (the sum favours short answers, which on the built-in task drop numbers).
+    """
+    if score_name == "likelihood":
+        return policy_logps / n_tokens.clamp(min=1.0)
+    return beta * (policy_logps - ref_logps)
 
 
 def _as_pair_logps(picked: list[torch.Tensor], pairs: list[TokenizedPair]) -> PairLogps:

@@ -69,8 +69,9 @@ def select_drops(ids: Sequence[str], margins: Tensor, drop_rate: float) -> DropD
     """Keep the keep_count(N, ρ) pairs with the highest margin Δ; `margins` (N,) aligns with `ids`.
 
     The paper keeps the lowest-loss pairs: min_w Σ w_i·ℓ_i s.t. Σ w_i = (1 − ρ)·N, 0 ≤ w_i ≤ 1, a
-    linear program whose optimum is 0/1 (method.md, "The problem"). For ROPO and DPO the loss is
-    strictly decreasing in Δ, so ranking by Δ keeps exactly those pairs. It also stays right for
+    linear program whose optimum is 0/1 (docs/method.md §3; the problem is the paper's, v2
+    abstract). For ROPO and DPO the loss is strictly decreasing in Δ, so ranking by Δ keeps
+    exactly those pairs. It also stays right for
     the losses that are not monotone in Δ: IPO's (Δ − 1/(2β))² and cDPO's (once t > ln((1−ε)/ε))
     grow again for confidently correct pairs, and ranking by them would drop those first. Ties go by
     Δ, then by id, so every rank reaches the same decision whatever the input order. The returned
