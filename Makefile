@@ -53,7 +53,9 @@ else
 	$(BIN)/ropo train $(TRAIN_ARGS)
 endif
 
-# DPO vs ROPO on the built-in task at noise 0, 0.2 and 0.4 (reuses the cached SFT model and pairs).
+# The built-in task's sweep: DPO, cDPO, rDPO, IPO and the ROPO variants at noise 0, 0.2 and 0.4,
+# 3 seeds each, with paired bootstrap intervals against DPO (reuses the cached SFT model, pairs
+# and the runs of `make train`). Smaller: make sweep ARGS="sweep_seeds=0 sweep_methods=dpo,ropo"
 sweep: install
 	$(BIN)/ropo builtin sweep=true $(if $(OUT),out=$(OUT)) $(ARGS)
 

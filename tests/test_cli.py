@@ -45,6 +45,10 @@ def no_builtin_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         ("lr=fast", "lr='fast'"),
         ("seed=true", "seed='true'"),
         ("sweep=maybe", "sweep='maybe'"),
+        ("jobs=0", "'jobs' = 0"),
+        ("sweep_seeds=0,x", "sweep_seeds='0,x': expected ints"),
+        ("sweep_noises=0,0.5", "'sweep_noises' = 0.5"),
+        ("sweep_methods=ropo,ropo_auto", "'sweep_methods' = 'ropo,ropo_auto' must include dpo"),
     ],
 )
 def test_bad_builtin_settings_fail_before_any_work(

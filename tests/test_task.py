@@ -7,8 +7,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 import ropo.task.stages as stages
+from ropo.cli import main
 from ropo.data import load_pairs
 from ropo.logps import PairLogps
 from ropo.task import stage_cache
@@ -25,6 +29,7 @@ from ropo.task.pipeline import run_builtin, run_sweep
 from ropo.task.settings import TaskSettings, parse_settings
 from ropo.task.sorting import correct_response, gold_reward, make_task
 from ropo.task.stage_cache import run_stage
+from ropo.task.stages import run_dir_for
 
 
 def test_gold_reward_counts_right_positions_over_the_longer_list() -> None:
@@ -175,6 +180,8 @@ TOY = TaskSettings(
     rho=0.25,
     rs_k=2,
     eval_samples=1,
+    methods=("dpo_clean", "dpo", "ropo", "ropo_rs"),
+    jobs=1,  # in this process: the tests below count its calls to `train`
 )
 
 
@@ -212,6 +219,7 @@ def test_every_stage_leaves_its_files(toy_run: tuple[Path, dict]) -> None:
         for p in train_pairs + heldout_pairs
     )
     for method in TOY.methods:
+        run_dir = run_dir_for(out, method, 0.0 if method == "dpo_clean" else TOY.noise, TOY.seed)
         for name in (
             "metrics.jsonl",
             "pairs.jsonl",
@@ -219,16 +227,20 @@ def test_every_stage_leaves_its_files(toy_run: tuple[Path, dict]) -> None:
             "final/config.json",
             "final/tokenizer.model",
         ):
-            assert (out / method / name).is_file(), f"{method}/{name}"
-    flips = json.loads((out / "ropo" / "flips.json").read_text())
+            assert (run_dir / name).is_file(), f"{method}/{name}"
+    flips = json.loads((run_dir_for(out, "ropo", 0.4, 0) / "flips.json").read_text())
     assert 0 < sum(flips.values()) < len(flips) == len(train_pairs)
-    assert not (out / "dpo_clean" / "flips.json").exists()  # noise=0: nothing flipped
+    assert not (out / "runs" / "noise0-seed0" / "dpo" / "flips.json").exists()  # nothing flipped
     rows = {run["method"]: run for run in results["runs"]}
     assert set(rows) == set(TOY.methods) and rows["dpo_clean"]["noise"] == 0.0
     assert len(rows["ropo"]["rounds"]) == TOY.rounds and len(rows["dpo"]["rounds"]) == 1
     for run in results["runs"]:
         scores = run["scores"]
         assert 0 <= scores["gold_reward"] <= 1 and 0 <= scores["win_rate"] <= 1
+        assert len(run["prompt_rewards"]) == TOY.n_heldout_prompts  # for the paired statistics
+        assert sum(run["prompt_rewards"]) / TOY.n_heldout_prompts == pytest.approx(
+            scores["gold_reward"]
+        )
     report = (out / "report.md").read_text()
     assert "ROPO + RS" in report and "![filtering](filtering.png)" in report
 
@@ -260,16 +272,22 @@ def test_sweep_reuses_the_first_stages(
 ) -> None:
     out, _ = toy_run
     monkeypatch.setattr(stages, "train_sft", lambda *a, **k: pytest.fail("SFT reran"))
-    sweep = run_sweep(TOY, out, noises=(0.0, 0.25), seeds=(0,), methods=("dpo", "ropo"))
-    assert len(sweep["runs"]) == 4
+    settings = replace(
+        TOY, sweep_noises=(0.0, 0.25), sweep_seeds=(0,), sweep_methods=("dpo", "ropo", "cdpo")
+    )
+    sweep = run_sweep(settings, out)
+    assert sweep["skipped"] == [{"method": "cdpo", "noise": 0.0, "reason": "ε = 0: plain DPO"}]
+    assert len(sweep["runs"]) == 5 and sweep["runs"][-1]["method"] == "cdpo"
+    sweep["runs"].pop()
     assert {(r["method"], r["noise"]) for r in sweep["runs"]} == {
         ("dpo", 0.0),
         ("ropo", 0.0),
         ("dpo", 0.25),
         ("ropo", 0.25),
     }
-    assert (out / "noise_sweep.png").is_file()
-    assert "## Noise sweep" in (out / "report.md").read_text()
+    assert (out / "sweep.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Noise sweep" in report and "(ε = 0: plain DPO)" in report
     assert math.isfinite(sweep["runs"][0]["scores"]["gold_reward"])
 
 
@@ -278,17 +296,116 @@ def test_interrupted_builtin_keeps_finished_stages_and_says_how_to_go_on(
 ) -> None:
     out = Path(shutil.copytree(toy_run[0], tmp_path / "builtin"))
     settings = asdict(replace(TOY, lr=2e-3, methods=("dpo",)))  # a new lr: stage 5 runs again
-    words = [f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in settings.items()]
+    words = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGINT"}
     command = [sys.executable, "-m", "ropo", "builtin", f"out={out}", *words]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (
-        "ropo builtin: interrupted by SIGINT in stage [train/dpo], in round 1/1, epoch 1, after "
+        "ropo builtin: interrupted by SIGINT in stage [train/runs/noise0.4-seed0/dpo], in round "
+        "1/1, epoch 1, after "
         f"global step 1; the finished stages are kept in {out} and skipped next time: run the "
         "same command again to continue"
     )
     for stage in ("task", "sft", "pairs"):
         assert f"[{stage}] up to date, skipped" in result.stdout
         assert (out / "stages" / f"{stage}.json").is_file()
+
+
+def _copy_without_runs(toy_run: tuple[Path, dict], where: Path) -> Path:
+    """A copy of the toy pipeline's directory with stages 1-3 done and no preference run."""
+    out = Path(shutil.copytree(toy_run[0], where))
+    for done in (out / "runs", out / "stages" / "train", out / "stages" / "eval" / "runs"):
+        shutil.rmtree(done, ignore_errors=True)
+    return out
+
+
+def _builtin(out: Path, settings: TaskSettings) -> list[str]:
+    """`python -m ropo builtin` with every one of `settings` spelt out."""
+    words = [
+        f"{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for key, value in asdict(settings).items()
+    ]
+    return [sys.executable, "-m", "ropo", "builtin", f"out={out}", *words]
+
+
+def test_runs_in_worker_processes_give_the_rows_of_runs_in_this_process(
+    toy_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = _copy_without_runs(toy_run, tmp_path / "parallel")
+    threads = torch.get_num_threads()
+    methods = ("ropo_rs", "dpo", "ropo")  # ROPO + RS trains longest: it finishes last
+    try:  # 2 threads for 2 jobs: each worker gets 1, as the in-process runs of toy_run had
+        parallel = run_builtin(replace(TOY, jobs=2, threads=2, methods=methods), out)
+    finally:
+        torch.set_num_threads(threads)
+    in_process = {row["method"]: row for row in toy_run[1]["runs"]}
+    for row in parallel["runs"]:  # the same numbers, in the order of `methods`
+        row["train_seconds"] = in_process[row["method"]]["train_seconds"]
+    assert parallel["runs"] == [in_process[method] for method in methods]
+    printed = capsys.readouterr().out
+    for run in ("noise0.4-seed0/dpo", "noise0.4-seed0/ropo", "noise0.4-seed0/ropo_rs"):
+        log = out / "logs" / (run.replace("/", "-") + ".log")
+        assert f"[train/runs/{run}] training in a worker process, output in {log}" in printed
+        assert f"[train/runs/{run}] trained in " in printed
+        assert "run finished" in log.read_text()  # the run's own summary went to its log
+
+
+def test_a_run_that_fails_in_a_worker_is_one_line_naming_the_run_and_its_log(
+    toy_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = _copy_without_runs(toy_run, tmp_path / "broken")
+    (out / "pairs_train.jsonl").write_text("{not json\n")  # stage 3's file, damaged after it ran
+    # In this process, so that stages 1-3 stay cached (a subprocess would rerun them, and
+    # rewrite the file, if someone edits ropo's source meanwhile); the run fails in a worker.
+    assert main(_builtin(out, replace(TOY, methods=("dpo",), jobs=2))[3:]) == 2
+    err = capsys.readouterr().err
+    log = out / "logs" / "noise0.4-seed0-dpo.log"
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        f"ropo builtin: error: run train/runs/noise0.4-seed0/dpo failed (its output: {log}): "
+        f"{out / 'pairs_train.jsonl'}:1: "
+    )
+    assert "Traceback" in log.read_text()  # the worker's traceback, for whoever needs it
+
+
+def test_ctrl_c_stops_the_workers_too_and_says_which_runs_it_stopped(
+    toy_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out = _copy_without_runs(toy_run, tmp_path / "stopped")
+    settings = replace(TOY, methods=("dpo", "ropo"), jobs=2, epochs_per_round=500)  # minutes
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        _builtin(out, settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,  # its own process group, as a terminal gives it
+    )  # fmt: skip
+    watchdog = threading.Timer(120, os.killpg, (process.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        logs = [out / "logs" / f"noise0.4-seed0-{method}.log" for method in settings.methods]
+        while not all(log.is_file() and "memory estimate" in log.read_text() for log in logs):
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.2)  # until both workers train
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole group gets SIGINT
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == (
+        "ropo builtin: interrupted by SIGINT while train/runs/noise0.4-seed0/dpo, "
+        "train/runs/noise0.4-seed0/ropo trained in worker processes (stopped); the finished "
+        f"stages are kept in {out} and skipped next time: run the same command again to continue"
+    )
+    for _ in range(50):  # no worker is left running (multiprocessing's helper may take a moment)
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the stopped command is still running")
+    assert not (out / "stages" / "train").exists()  # neither run counts as done
+    assert (out / "stages" / "pairs.json").is_file()

@@ -100,9 +100,14 @@ def mean(values: Sequence[Sequence[float]] | Sequence[Sequence[bool]]) -> float:
     return sum(flat) / len(flat)
 
 
+def prompt_means(values: Sequence[Sequence[float]]) -> list[float]:
+    """The mean over each prompt's samples, [prompt]."""
+    return [sum(row) / len(row) for row in values]
+
+
 def standard_error(values: Sequence[Sequence[float]]) -> float:
     """Standard error of the mean over prompts (a prompt's samples are averaged first)."""
-    per_prompt = torch.tensor([sum(row) / len(row) for row in values], dtype=torch.float64)
+    per_prompt = torch.tensor(prompt_means(values), dtype=torch.float64)
     if per_prompt.numel() < 2:
         return float("nan")
     return (per_prompt.std() / math.sqrt(per_prompt.numel())).item()
@@ -137,10 +142,12 @@ class Judge:
         self.sft_scores = PolicyScores(
             mean(self.sft_rewards), standard_error(self.sft_rewards), mean(exact), None, None
         )
+        self.sft_prompt_rewards = prompt_means(self.sft_rewards)
         self.reference = heldout_logps(sft, self.tokenizer, pairs)
 
-    def score(self, model_dir: Path, name: str) -> PolicyScores:
-        """Gold reward, exact-match rate, win rate against SFT and held-out preference accuracy."""
+    def score(self, model_dir: Path, name: str) -> tuple[PolicyScores, list[float]]:
+        """Gold reward, exact-match rate, win rate against SFT and held-out preference accuracy;
+        and the mean gold reward of each prompt's samples, in prompt order."""
         policy = load_model(model_dir, device=self.device)
         rewards, exact = sample_rewards(
             policy, self.tokenizer, self.prompts, *self.sample_args, desc=f"evaluating {name}"
@@ -148,13 +155,14 @@ class Judge:
         accuracy = preference_accuracy(
             heldout_logps(policy, self.tokenizer, self.pairs), self.reference
         )
-        return PolicyScores(
+        scores = PolicyScores(
             mean(rewards),
             standard_error(rewards),
             mean(exact),
             win_rate(rewards, self.sft_rewards),
             accuracy,
         )
+        return scores, prompt_means(rewards)
 
 
 def noise_identification(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -187,6 +195,23 @@ def noise_identification(records: Sequence[dict[str, Any]]) -> list[dict[str, An
             }
         )
     return summary
+
+
+def with_noise_estimates(
+    rounds: list[dict[str, Any]], metrics: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rounds` (noise_identification) with each round's `noise_estimate` (the flip rate a
+    rho=auto run estimated) and `rho_used` (the share it dropped) from its metrics.jsonl lines;
+    None where the run wrote none (a fixed rho)."""
+    by_round = {line["round"]: line for line in metrics}
+    return [
+        {
+            **summary,
+            "noise_estimate": by_round.get(summary["round"], {}).get("noise_estimate"),
+            "rho_used": by_round.get(summary["round"], {}).get("rho_used"),
+        }
+        for summary in rounds
+    ]
 
 
 def _mean_or_none(values: list[float]) -> float | None:

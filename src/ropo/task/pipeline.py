@@ -2,7 +2,8 @@
 (through `ropo.train`, which injects the label noise) -> held-out evaluation -> report.
 
 The stages live in stages.py, each skipped on a rerun that finds its inputs unchanged
-(stage_cache.py); this module runs them for one demonstration or a noise sweep.
+(stage_cache.py); runs.py trains the preference runs (in `jobs` worker processes) and evaluates
+them; sweep_stats.py compares them. This module runs them for one demonstration or a sweep.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +21,15 @@ from ropo.data import load_pairs
 from ropo.interrupt import Interrupted
 from ropo.resources import pick_device
 from ropo.task import evaluate, report, tables
-from ropo.task.settings import METHOD_LABELS, TaskSettings, parse_settings
-from ropo.task.stage_cache import StageResult, stage_seconds
-from ropo.task.stages import (
-    load_task,
-    sft_model,
-    stage_eval,
-    stage_pairs,
-    stage_sft,
-    stage_task,
-    stage_train,
-)
-
-
-@dataclass
-class Prepared:
-    """Stages 1-3 and the SFT model's evaluation, shared by every run of a demo or a sweep."""
-
-    pairs: StageResult
-    sft_eval: StageResult
-    judge: Callable[[], evaluate.Judge]
+from ropo.task.runs import PlannedRun, Prepared, run_plan
+from ropo.task.settings import TaskSettings, equals_dpo, parse_settings
+from ropo.task.stage_cache import stage_seconds
+from ropo.task.stages import load_task, sft_model, stage_eval, stage_pairs, stage_sft, stage_task
+from ropo.task.sweep_stats import sweep_statistics
 
 
 def prepare(s: TaskSettings, out: Path) -> Prepared:
+    """Stages 1-3 and the SFT model's evaluation; the Judge is built when first needed."""
     if s.threads:
         torch.set_num_threads(s.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,45 +58,22 @@ def prepare(s: TaskSettings, out: Path) -> Prepared:
     return Prepared(pairs, sft_eval, judge)
 
 
-def run_method(
-    s: TaskSettings,
-    out: Path,
-    prepared: Prepared,
-    method: str,
-    noise: float,
-    seed: int,
-    run_dir: Path,
-) -> dict[str, Any]:
-    """Train one method (stage 5) and evaluate it (stage 6): one row of the results."""
-    trained = stage_train(s, out, method, noise, seed, run_dir, prepared.pairs)
-    name = str(run_dir.relative_to(out))
-    upstream = [trained.key, prepared.sft_eval.key]
-    scored = stage_eval(s, out, name, run_dir / "final", upstream, prepared.judge)
-    return {
-        "method": method,
-        "label": METHOD_LABELS[method],
-        "noise": noise,
-        "seed": seed,
-        "run_dir": name,
-        "train_seconds": trained.seconds,
-        **scored.result,
-    }
-
-
 def run_builtin(settings: TaskSettings, out: Path) -> dict[str, Any]:
     """The default demonstration: every method of `settings.methods` at noise `settings.noise`
     (dpo_clean at 0), evaluated on held-out prompts; writes results.json and report.md."""
     start, out = time.perf_counter(), Path(out)
     prepared = prepare(settings, out)
-    runs = []
-    for method in settings.methods:
-        noise = 0.0 if method == "dpo_clean" else settings.noise
-        runs.append(run_method(settings, out, prepared, method, noise, settings.seed, out / method))
+    plan = [
+        PlannedRun(method, 0.0 if method == "dpo_clean" else settings.noise, settings.seed)
+        for method in settings.methods
+    ]
+    runs = run_plan(settings, out, prepared, plan)
     results = {
         "settings": asdict(settings),
         "pairs": prepared.pairs.result,
         "sft": prepared.sft_eval.result["scores"],
         "runs": runs,
+        "statistics": sweep_statistics(runs),
         "stage_seconds": stage_seconds(out),
         "wall_seconds": time.perf_counter() - start,
     }
@@ -118,30 +81,47 @@ def run_builtin(settings: TaskSettings, out: Path) -> dict[str, Any]:
     return results
 
 
-def run_sweep(
-    settings: TaskSettings,
-    out: Path,
-    noises: tuple[float, ...] = (0.0, 0.2, 0.4),
-    seeds: tuple[int, ...] = (0, 1),
-    methods: tuple[str, ...] = ("dpo", "ropo"),
-) -> dict[str, Any]:
-    """Each method at each noise rate and training seed, reusing stages 1-3 of `out`; writes
-    sweep_results.json and adds the noise plots to report.md."""
+def sweep_plan(s: TaskSettings) -> tuple[list[PlannedRun], list[dict[str, Any]]]:
+    """Every sweep method at every sweep noise rate and seed; and the (method, η) skipped: cDPO
+    and rDPO at η = 0, where ε = 0 makes them DPO (and the table shows DPO's numbers)."""
+    plan, skipped = [], []
+    for noise in s.sweep_noises:
+        runs = []
+        for method in s.sweep_methods:
+            if equals_dpo(method, noise):
+                skipped.append({"method": method, "noise": noise, "reason": "ε = 0: plain DPO"})
+            elif noise == 0 and method not in s.sweep_clean_methods:
+                reason = "not in sweep_clean_methods"  # to keep `make sweep` near an hour
+                skipped.append({"method": method, "noise": noise, "reason": reason})
+            else:
+                runs.append(method)
+        plan += [PlannedRun(m, noise, seed) for seed in s.sweep_seeds for m in runs]
+    # Seed by seed: a sweep stopped part-way has whole seeds done, every η in each of them.
+    return sorted(plan, key=lambda run: s.sweep_seeds.index(run.seed)), skipped
+
+
+def run_sweep(settings: TaskSettings, out: Path) -> dict[str, Any]:
+    """Each of `sweep_methods` at each of `sweep_noises` and `sweep_seeds`, reusing stages 1-3
+    (and any run the demo trained) of `out`; writes sweep_results.json, with the paired
+    statistics of sweep_stats.py, and adds the sweep to report.md."""
     start, out = time.perf_counter(), Path(out)
     prepared = prepare(settings, out)
-    rows = []
-    for noise in noises:
-        for seed in seeds:
-            for method in methods:
-                run_dir = out / "sweep" / f"noise{noise:g}-seed{seed}" / method
-                rows.append(run_method(settings, out, prepared, method, noise, seed, run_dir))
+    plan, skipped = sweep_plan(settings)
+    for skip in skipped:
+        print(f"sweep: {skip['method']} at noise {skip['noise']:g} not run ({skip['reason']})")
+    runs = run_plan(settings, out, prepared, plan)
     sweep = {
         "settings": asdict(settings),
         "sft": prepared.sft_eval.result["scores"],
-        "runs": rows,
+        "runs": runs,
+        "skipped": skipped,
+        "statistics": sweep_statistics(runs),
         "wall_seconds": time.perf_counter() - start,
     }
-    _write_results(out, "sweep_results.json", sweep, tables.sweep_table(sweep))
+    verdicts = [f"- {line}" for line in tables.sweep_findings(sweep)]
+    _write_results(
+        out, "sweep_results.json", sweep, "\n".join([tables.sweep_table(sweep), *verdicts])
+    )
     return sweep
 
 

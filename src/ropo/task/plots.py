@@ -11,16 +11,28 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ropo.task.tables import drop_precision, sweep_rows
+from ropo.task.tables import sweep_label
 
 COLORS = {
     "sft": "#777777",
     "dpo_clean": "#2ca02c",
     "dpo": "#d62728",
+    "cdpo": "#8c564b",
+    "cdpo_half": "#c49c94",
+    "rdpo": "#e377c2",
+    "rdpo_half": "#f7b6d2",
+    "ipo": "#bcbd22",
     "ropo_loss": "#ff7f0e",
     "ropo": "#1f77b4",
     "ropo_rs": "#9467bd",
+    "ropo_auto": "#17becf",
+    "ropo_auto_margin": "#7f7f7f",
 }
+
+
+def color(method: str) -> str:
+    """The method's colour in every figure; black for a method without one of its own."""
+    return COLORS.get(method, "#000000")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -31,7 +43,7 @@ def plot_summary(results: dict[str, Any], path: Path) -> None:
     """Bars per method: held-out gold reward, win rate against SFT, held-out preference accuracy."""
     runs = results["runs"]
     names = ["SFT"] + [r["label"] for r in runs]
-    colors = [COLORS["sft"]] + [COLORS[r["method"]] for r in runs]
+    colors = [COLORS["sft"]] + [color(r["method"]) for r in runs]
     panels = [
         (
             "gold reward of samples (higher is better)",
@@ -81,7 +93,7 @@ def plot_filtering(results: dict[str, Any], path: Path) -> bool:
                 [r[key] for r in run["rounds"]],
                 "o-",
                 label=run["label"],
-                color=COLORS[run["method"]],
+                color=color(run["method"]),
             )
         ax.set_xticks(rounds)
         ax.set_xlabel("round (pairs dropped after it)")
@@ -135,7 +147,7 @@ def plot_training(out: Path, results: dict[str, Any], path: Path) -> None:
         steps = [r["step"] for r in log]
         for ax, key in zip(axes, ("loss", "reward_accuracy"), strict=True):
             values = smooth([r[key] for r in log])
-            ax.plot(steps, values, label=run["label"], lw=1.2, color=COLORS[run["method"]])
+            ax.plot(steps, values, label=run["label"], lw=1.2, color=color(run["method"]))
     axes[0].set_title("training loss (DPO and ROPO losses differ in scale)")
     noise = results["settings"]["noise"]
     axes[1].set_title(
@@ -155,43 +167,41 @@ def smooth(values: list[float], window: int = 5) -> list[float]:
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
-    """Gold reward, win rate and drop precision against the flip rate; bars span the seeds."""
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
-    groups = sweep_rows(sweep)
-    keys = (
-        ("gold reward of samples", lambda r: r["scores"]["gold_reward"]),
-        ("win rate against SFT", lambda r: r["scores"]["win_rate"]),
-        ("drop precision, last round", drop_precision),
-    )
-    for method in dict.fromkeys(m for m, _ in groups):
-        noises = sorted(n for m, n in groups if m == method)
-        for ax, (title, get) in zip(axes, keys, strict=True):
-            points = [
-                (n, [v for v in map(get, groups[(method, n)]) if v is not None]) for n in noises
-            ]
-            points = [(n, v) for n, v in points if v]
+    """Gold reward, and its paired difference to DPO, against the flip rate η for every method;
+    the bars are 95% bootstrap intervals over seeds and prompts (sweep_stats.py)."""
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    cells = sweep["statistics"]
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    for offset, method in enumerate(methods):
+        shift = (offset - (len(methods) - 1) / 2) * 0.004  # side by side: bars do not overlap
+        mine = sorted((c for c in cells if c["method"] == method), key=lambda c: c["noise"])
+        for ax, key in zip(axes, ("gold_reward", "vs_dpo"), strict=True):
+            points = [(c["noise"] + shift, c[key]) for c in mine if c[key] is not None]
             if not points:
                 continue
-            means = [sum(v) / len(v) for _, v in points]
-            spread = [
-                [m - min(v) for m, (_, v) in zip(means, points, strict=True)],
-                [max(v) - m for m, (_, v) in zip(means, points, strict=True)],
-            ]
             ax.errorbar(
-                [n for n, _ in points],
-                means,
-                yerr=spread,
+                [x for x, _ in points],
+                [i["estimate"] for _, i in points],
+                yerr=[
+                    [i["estimate"] - i["low"] for _, i in points],
+                    [i["high"] - i["estimate"] for _, i in points],
+                ],
                 fmt="o-",
                 capsize=3,
-                label=groups[(method, noises[0])][0]["label"],
-                color=COLORS[method],
+                label=sweep_label(sweep, method),
+                color=color(method),
             )
-            ax.set_title(title)
-            ax.set_xlabel("share of training labels flipped (η)")
     axes[0].axhline(sweep["sft"]["gold_reward"], color=COLORS["sft"], ls="--", label="SFT")
-    axes[1].axhline(0.5, color=COLORS["sft"], ls="--", label="SFT")
-    axes[2].plot([0, 0.5], [0, 0.5], color="black", ls="--", lw=0.8, label="dropping at random")
+    axes[0].set_title("gold reward on held-out prompts (higher is better)")
+    axes[1].axhline(0, color="black", lw=0.8, ls="--")
+    axes[1].set_title("difference to DPO at the same η (same seeds, same prompts)")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.set_xlabel("share of training labels flipped (η)")
+    axes[0].legend(fontsize=8)
+    seeds = sweep["settings"]["sweep_seeds"]
+    fig.suptitle(
+        f"Means over {len(seeds)} seeds; bars: 95% paired bootstrap intervals over seeds and "
+        "held-out prompts"
+    )
     fig.savefig(path, dpi=110)

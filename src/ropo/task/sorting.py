@@ -65,8 +65,8 @@ def make_task(
     """Seeded prompts; no list appears twice, so the three sets share no prompt. The SFT set and
     its demonstrations depend only on (n_sft, seed, lengths, values, error rate).
 
-    The SFT set is separate from the preference prompts, as pre-training data is in the paper's
-    setting: the SFT model has not memorised the answers it is later asked to improve.
+    The SFT set is separate from the preference prompts (our choice), so the SFT model has not
+    memorised the answers it is later asked to improve.
     """
     if not 1 <= min_len <= max_len:
         raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len} max_len={max_len}")

@@ -30,27 +30,58 @@ def run_stage(
     out: Path, name: str, inputs: dict[str, Any], outputs: list[Path], work: Callable[[], dict]
 ) -> StageResult:
     """Run `work` unless <out>/stages/<name>.json holds the same inputs and `outputs` all exist."""
-    inputs = {**inputs, "ropo_source": source_fingerprint()}
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    marker = out / "stages" / f"{name}.json"
-    if marker.is_file() and all(p.exists() for p in outputs):
-        done = json.loads(marker.read_text())
-        if done["key"] == key:
-            print(f"[{name}] up to date, skipped ({done['seconds']:.0f} s when it ran)")
-            return StageResult(key, done["result"], done["seconds"], cached=True)
+    done = cached_stage(out, name, inputs, outputs)
+    if done is not None:
+        return done
     print(f"[{name}] running")
-    marker.unlink(missing_ok=True)  # an interrupted stage must not look done
+    forget_stage(out, name)
     start = time.perf_counter()
     try:
         result = work()
     except Interrupted as stop:
         stop.where = f"in stage [{name}]" + (f", {stop.where}" if stop.where else "")
         raise
-    seconds = time.perf_counter() - start
+    return record_stage(out, name, inputs, result, time.perf_counter() - start)
+
+
+def cached_stage(
+    out: Path, name: str, inputs: dict[str, Any], outputs: list[Path]
+) -> StageResult | None:
+    """The recorded result of stage `name` if its marker holds the same inputs and `outputs` all
+    exist (saying so on stdout); else None: the stage must run."""
+    _, key = _keyed(inputs)
+    marker = out / "stages" / f"{name}.json"
+    if marker.is_file() and all(p.exists() for p in outputs):
+        done = json.loads(marker.read_text())
+        if done["key"] == key:
+            print(f"[{name}] up to date, skipped ({done['seconds']:.0f} s when it ran)")
+            return StageResult(key, done["result"], done["seconds"], cached=True)
+    return None
+
+
+def forget_stage(out: Path, name: str) -> None:
+    """Delete the marker of a stage about to run: an interrupted stage must not look done."""
+    (out / "stages" / f"{name}.json").unlink(missing_ok=True)
+
+
+def record_stage(
+    out: Path, name: str, inputs: dict[str, Any], result: dict[str, Any], seconds: float
+) -> StageResult:
+    """Write the marker of a stage that has run: its key, inputs, time and result."""
+    inputs, key = _keyed(inputs)
+    marker = out / "stages" / f"{name}.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     record = {"key": key, "inputs": inputs, "seconds": seconds, "result": result}
     marker.write_text(json.dumps(record, indent=1, default=str))
     return StageResult(key, result, seconds, cached=False)
+
+
+def _keyed(inputs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """`inputs` with ropo's source fingerprint added, and their hash: the stage's key."""
+    inputs = {**inputs, "ropo_source": source_fingerprint()}
+    return inputs, hashlib.sha256(
+        json.dumps(inputs, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ropo.models.tokenizer import train_tokenizer
 from ropo.resources import pick_device
 from ropo.task import evaluate
 from ropo.task.pairs import build_pairs, sample_responses
-from ropo.task.settings import TaskSettings
+from ropo.task.settings import NOISE_SHARE, TaskSettings
 from ropo.task.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
 from ropo.task.sorting import TaskData, make_task
 from ropo.task.stage_cache import StageResult, run_stage
@@ -31,17 +31,35 @@ PAIR_KEYS = "seed samples_per_prompt temperature max_new_tokens device".split()
 EVAL_KEYS = "eval_samples temperature max_new_tokens device".split()
 
 
-def method_overrides(method: str, s: TaskSettings) -> list[str]:
-    """The `ropo train` keys that make `method`; DPO gets as many epochs as ROPO gets in total."""
+RS_RULE = "likelihood+original"
+
+
+def method_overrides(method: str, s: TaskSettings, noise: float) -> list[str]:
+    """The `ropo train` keys that make `method` at flip rate `noise`. DPO gets as many epochs as
+    ROPO gets in total; so do cDPO, rDPO and IPO, and ROPO (rho=auto)'s restarted last round."""
     dpo = ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs_per_round}"]
     ropo = ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}"]
     ropo.append(f"epochs={s.epochs_per_round}")
+    if method in NOISE_SHARE:  # cdpo, rdpo and their η/2 variants: ε from the true flip rate
+        loss = method.removesuffix("_half")
+        return [f"loss={loss}", f"label_smoothing={NOISE_SHARE[method] * noise:g}", *dpo[1:]]
+    # Round 1 finds the flips with the ROPO loss on all pairs, ranked by the policy's own
+    # preference (docs/method.md 3b: the margin ranking does not help on this task, which
+    # ropo_auto_margin shows); round 2 starts again from the SFT model and trains plain DPO on
+    # the kept pairs, as long as DPO trains on all of them.
+    auto = ["loss=ropo", f"alpha={s.alpha}", "rounds=2", "rho=auto", "last_round=restart"]
+    auto += [f"last_round_epochs={s.rounds * s.epochs_per_round}", f"epochs={s.epochs_per_round}"]
     table = {
         "dpo_clean": dpo,
         "dpo": dpo,
+        "ipo": ["loss=ipo", *dpo[1:]],
         "ropo_loss": ["loss=ropo", f"alpha={s.alpha}", *dpo[1:]],
         "ropo": ropo,
-        "ropo_rs": [*ropo, "rejection_sampling=true", f"rs_k={s.rs_k}"],
+        # The pair rule that helps here (docs/method.md 4): the default rule's pairs are
+        # mostly wrongly ordered by round 2.
+        "ropo_rs": [*ropo, "rejection_sampling=true", f"rs_k={s.rs_k}", f"rs_pair_rule={RS_RULE}"],
+        "ropo_auto": [*auto, "filter_score=preference"],
+        "ropo_auto_margin": [*auto, "filter_score=margin"],
     }
     return table[method]
 
@@ -141,17 +159,34 @@ def stage_pairs(s: TaskSettings, out: Path, task: StageResult, sft: StageResult)
     return run_stage(out, "pairs", inputs, list(files.values()), work)
 
 
-def stage_train(
-    s: TaskSettings,
-    out: Path,
-    method: str,
-    noise: float,
-    seed: int,
-    run_dir: Path,
-    pairs: StageResult,
-) -> StageResult:
+def run_dir_for(out: Path, method: str, noise: float, seed: int) -> Path:
+    """Where a preference run lives: <out>/runs/noise<η>-seed<seed>/<method>. Clean DPO is DPO
+    at noise 0, so the demo's dpo_clean and the sweep's DPO at η = 0 are one cached run."""
+    name = "dpo" if method == "dpo_clean" else method
+    return out / "runs" / f"noise{noise:g}-seed{seed}" / name
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Stage 5 for one run: its stage name, the inputs its cache key hashes, the `ropo train`
+    keys. Plain data, so that a worker process (runs.py) can take it."""
+
+    name: str  # train/<run dir relative to out>
+    run_dir: Path
+    overrides: tuple[str, ...]
+    inputs: dict[str, Any]
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.run_dir / "final" / "config.json"]
+
+
+def train_job(
+    s: TaskSettings, out: Path, method: str, noise: float, seed: int, pairs: StageResult
+) -> TrainJob:
     """Stage 5: a DPO/ROPO run from the SFT model on the train pairs (`train` flips labels)."""
-    overrides = [
+    run_dir = run_dir_for(out, method, noise, seed)
+    overrides = (
         f"model={sft_model(out)}",
         f"data={out / 'pairs_train.jsonl'}",
         f"out={run_dir}",
@@ -166,17 +201,25 @@ def stage_train(
         f"rs_temperature={s.temperature}",
         f"rs_max_new_tokens={s.max_new_tokens}",
         f"device={s.device}",
-        *method_overrides(method, s),
-    ]
+        *method_overrides(method, s, noise),
+    )
+    inputs = {"pairs": pairs.key, "overrides": list(overrides)}
+    return TrainJob(f"train/{run_dir.relative_to(out)}", run_dir, overrides, inputs)
 
-    def work() -> dict[str, Any]:
-        train(load_config(None, overrides))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return {"last_round": json.loads(lines[-1])}
 
-    name = f"train/{run_dir.relative_to(out)}"
-    inputs = {"pairs": pairs.key, "overrides": overrides}
-    return run_stage(out, name, inputs, [run_dir / "final" / "config.json"], work)
+def run_training(job: TrainJob) -> dict[str, Any]:
+    """The work of stage 5: `ropo train` with the job's keys; its last metrics.jsonl line."""
+    train(load_config(None, list(job.overrides)))
+    lines = (job.run_dir / "metrics.jsonl").read_text().splitlines()
+    return {"last_round": json.loads(lines[-1])}
+
+
+def stage_train(
+    s: TaskSettings, out: Path, method: str, noise: float, seed: int, pairs: StageResult
+) -> StageResult:
+    """Stage 5 in this process (jobs=1): train, or skip when its inputs are unchanged."""
+    job = train_job(s, out, method, noise, seed, pairs)
+    return run_stage(out, job.name, job.inputs, job.outputs, lambda: run_training(job))
 
 
 def stage_eval(
@@ -187,15 +230,27 @@ def stage_eval(
     upstream: list[str],
     judge: Callable[[], evaluate.Judge],
 ) -> StageResult:
-    """Stage 6: a policy on the held-out prompts; for a training run also its audit summary."""
+    """Stage 6: a policy on the held-out prompts, with the mean gold reward of each prompt (in
+    prompt order, for the paired statistics of stats.py); for a training run also its audit
+    summary per round, with the flip-rate estimates of a rho=auto run."""
 
     def work() -> dict[str, Any]:
         if model_dir == sft_model(out):
-            return {"scores": judge().sft_scores.to_dict()}
-        scores = judge().score(model_dir, name)
-        audit_file = model_dir.parent / "pairs.jsonl"
-        audit = [json.loads(line) for line in audit_file.read_text().splitlines()]
-        return {"scores": scores.to_dict(), "rounds": evaluate.noise_identification(audit)}
+            sft = judge()
+            return {"scores": sft.sft_scores.to_dict(), "prompt_rewards": sft.sft_prompt_rewards}
+        scores, prompt_rewards = judge().score(model_dir, name)
+        audit = _read_jsonl(model_dir.parent / "pairs.jsonl")
+        rounds = evaluate.noise_identification(audit)
+        metrics = _read_jsonl(model_dir.parent / "metrics.jsonl")
+        return {
+            "scores": scores.to_dict(),
+            "prompt_rewards": prompt_rewards,
+            "rounds": evaluate.with_noise_estimates(rounds, metrics),
+        }
 
     inputs = {"upstream": upstream, **_pick(s, EVAL_KEYS)}
     return run_stage(out, f"eval/{name}", inputs, [], work)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -4,7 +4,6 @@ sentences comparing the methods. The pipeline prints the tables; report.py puts 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 
@@ -15,23 +14,25 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def results_table(results: dict[str, Any]) -> str:
     """The default run as a Markdown table (readable on a terminal too)."""
     head = (
-        "| method | noise | gold reward | exact | win vs SFT | held-out pref. acc. "
-        "| drop precision | drop recall | train s |"
+        "| method | noise | gold reward | noise damage recovered | exact | win vs SFT "
+        "| held-out pref. acc. | drop precision | drop recall | train s |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     sft = results["sft"]
     lines.append(
         f"| SFT (reference) | - | {_fmt(sft['gold_reward'])} ± "
-        f"{_fmt(sft['gold_reward_se'])} | {_fmt(sft['exact_match'])} | 0.5 | - | - | - "
+        f"{_fmt(sft['gold_reward_se'])} | - | {_fmt(sft['exact_match'])} | 0.5 | - | - | - "
         f"| - |"
     )
     for run in results["runs"]:
         scores, last = run["scores"], run["rounds"][-1]
         if not last["n_dropped"]:  # nothing dropped (DPO): there is no detector to score
             last = {"drop_precision": None, "drop_recall": None}
+        recovered = run_statistics(results, run).get("recovered")
         lines.append(
             f"| {run['label']} | {run['noise']:g} | {_fmt(scores['gold_reward'])} ± "
-            f"{_fmt(scores['gold_reward_se'])} | {_fmt(scores['exact_match'])} "
+            f"{_fmt(scores['gold_reward_se'])} | {_share(recovered)} "
+            f"| {_fmt(scores['exact_match'])} "
             f"| {_fmt(scores['win_rate'])} | {_fmt(scores['preference_accuracy'])} "
             f"| {_fmt(last['drop_precision'])} | {_fmt(last['drop_recall'])} "
             f"| {run['train_seconds']:.0f} |"
@@ -39,12 +40,29 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sweep_rows(sweep: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    """The sweep's runs grouped by (method, noise), one entry per seed."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for run in sweep["runs"]:
-        groups[(run["method"], run["noise"])].append(run)
-    return groups
+def run_statistics(results: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The sweep_stats cell of a run's method and noise ({} in a results file without one)."""
+    key = ("dpo", 0.0) if run["method"] == "dpo_clean" else (run["method"], run["noise"])
+    cells = {(c["method"], c["noise"]): c for c in results.get("statistics", [])}
+    return cells.get(key, {})
+
+
+def _share(interval: dict[str, float | None] | None) -> str:
+    """A share as a percentage with its interval, e.g. 37% [12%, 60%]; an unbounded end (None,
+    from resamples in which the noise did no damage) is shown as ∞."""
+    if interval is None:
+        return "-"
+    low = "-∞" if interval["low"] is None else f"{interval['low']:.0%}"
+    high = "∞" if interval["high"] is None else f"{interval['high']:.0%}"
+    return f"{interval['estimate']:.0%} [{low}, {high}]"
+
+
+def _difference(interval: dict[str, float] | None) -> str:
+    """A difference with its interval, ✓ when the interval lies above 0."""
+    if interval is None:
+        return "-"
+    mark = " ✓" if interval["low"] > 0 else ""
+    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]{mark}"
 
 
 def drop_precision(run: dict[str, Any]) -> float | None:
@@ -53,26 +71,51 @@ def drop_precision(run: dict[str, Any]) -> float | None:
 
 
 def sweep_table(sweep: dict[str, Any]) -> str:
-    """Mean over seeds (min-max in brackets) of each method at each noise rate."""
-    lines = [
-        "| method | noise | seeds | gold reward | win vs SFT | drop precision (last round) |",
-        "|" + "---|" * 6,
-    ]
-    for (_, noise), runs in sorted(sweep_rows(sweep).items(), key=lambda kv: kv[0][::-1]):
-        cells = []
-        for values in (
-            [r["scores"]["gold_reward"] for r in runs],
-            [r["scores"]["win_rate"] for r in runs],
-            [drop_precision(r) for r in runs],
-        ):
-            known = [v for v in values if v is not None]
-            cells.append(
-                f"{sum(known) / len(known):.3f} [{min(known):.3f}, {max(known):.3f}]"
-                if known
-                else "-"
+    """One row per method, three columns per flip rate η: mean gold reward ± the half-width of
+    its 95% interval, the paired difference to DPO at η [95% interval], and the share of the
+    noise damage recovered [95% interval]; a skipped method's cells say why."""
+    cells = {(c["method"], c["noise"]): c for c in sweep["statistics"]}
+    skipped = {(s["method"], s["noise"]): s["reason"] for s in sweep.get("skipped", [])}
+    methods = list(dict.fromkeys(m for m, _ in [*cells, *skipped]))
+    noises = sorted({n for _, n in [*cells, *skipped]})
+    head = ["method"]
+    for noise in noises:
+        head += [f"η={noise:g} gold reward", f"η={noise:g} Δ vs DPO", f"η={noise:g} recovered"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        row = [sweep_label(sweep, method)]
+        for noise in noises:
+            cell = cells.get((method, noise))
+            if cell is None:
+                reason = skipped.get((method, noise), "not run")
+                row += [f"({reason})", "-", "-"]
+                continue
+            gold = cell["gold_reward"]
+            row.append(f"{gold['estimate']:.3f} ± {(gold['high'] - gold['low']) / 2:.3f}")
+            row += [_difference(cell["vs_dpo"]), _share(cell["recovered"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def sweep_label(sweep: dict[str, Any], method: str) -> str:
+    """The label of `method` in the sweep's runs (DPO at η = 0 is clean DPO, the ceiling)."""
+    labels = {run["method"]: run["label"] for run in sweep["runs"]}
+    return labels.get(method, method)
+
+
+def filtering_table(sweep: dict[str, Any]) -> str:
+    """Per filtering method, η and round (averaged over seeds): the true flipped share, the
+    rho=auto estimate, the share dropped, and the dropped set's precision and recall."""
+    head = "| method | η | after round | flipped | estimated | dropped | precision | recall |"
+    lines = [head, "|" + "---|" * 8]
+    for cell in sweep["statistics"]:
+        for r in cell["filtering"]:
+            lines.append(
+                f"| {sweep_label(sweep, cell['method'])} | {cell['noise']:g} | {r['round']} "
+                f"| {_fmt(r['flipped_share'])} | {_fmt(r['noise_estimate'])} "
+                f"| {_fmt(r['dropped_share'])} | {_fmt(r['drop_precision'])} "
+                f"| {_fmt(r['drop_recall'])} |"
             )
-        label = runs[0]["label"]
-        lines.append(f"| {label} | {noise:g} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -98,44 +141,72 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"Flipping {noise:.0%} of the training labels changes DPO's gold reward by "
             f"{gap('dpo', 'dpo_clean')} against DPO on clean labels."
         )
-    for method in ("ropo_loss", "ropo", "ropo_rs"):
-        if method in gold and "dpo" in gold:
-            lines.append(
-                f"{runs[method]['label']} against DPO on the same noisy pairs: "
-                f"{gap(method, 'dpo')}; win rate against SFT "
-                f"{_fmt(runs[method]['scores']['win_rate'])} vs DPO's "
-                f"{_fmt(runs['dpo']['scores']['win_rate'])}."
-            )
-            if "dpo_clean" in gold and gold["dpo_clean"] > gold["dpo"]:
-                share = (gold[method] - gold["dpo"]) / (gold["dpo_clean"] - gold["dpo"])
-                lines.append(f"That is {share:.0%} of what the noise cost DPO.")
+    for method in [m for m in runs if m not in ("dpo", "dpo_clean") and "dpo" in runs]:
+        cell = run_statistics(results, runs[method])
+        lines.append(
+            f"{runs[method]['label']} against DPO on the same noisy pairs: "
+            f"{_difference(cell.get('vs_dpo'))}; win rate against SFT "
+            f"{_fmt(runs[method]['scores']['win_rate'])} vs DPO's "
+            f"{_fmt(runs['dpo']['scores']['win_rate'])}."
+        )
+        if cell.get("recovered"):
+            lines.append(f"That is {_share(cell['recovered'])} of what the noise cost DPO.")
     if "ropo_rs" in gold and "ropo" in gold:
         lines.append(f"ROPO + RS against ROPO without RS: {gap('ropo_rs', 'ropo')}.")
-    for method in ("ropo", "ropo_rs"):
-        if method in runs and noise > 0:
-            last = runs[method]["rounds"][-1]
-            lines.append(
-                f"{runs[method]['label']}: after the last round the dropped pairs were "
-                f"{_fmt(last['drop_precision'])} flipped (dropping at random: {noise:g}), "
-                f"and they held {_fmt(last['drop_recall'])} of all flipped pairs."
-            )
+    for method in [m for m in ("ropo", "ropo_rs") if m in runs and noise > 0]:
+        last = runs[method]["rounds"][-1]
+        lines.append(
+            f"{runs[method]['label']}: after the last round the dropped pairs were "
+            f"{_fmt(last['drop_precision'])} flipped (dropping at random: {noise:g}), "
+            f"and they held {_fmt(last['drop_recall'])} of all flipped pairs."
+        )
+    if "ropo_auto" in runs:
+        lines.append(auto_rho_finding(runs["ropo_auto"]))
     lines.append(
-        "One training seed: the ± above covers the sampling of the evaluation, not the "
-        "run-to-run spread of training; the noise sweep (several seeds) shows that."
+        "Differences to DPO and recovered shares come with 95% paired bootstrap intervals "
+        "over prompts (✓: the interval lies above 0). One training seed: the ± and the "
+        "intervals cover the sampling of the evaluation, not the run-to-run spread of "
+        "training; the sweep (several seeds) covers that too."
     )
     return lines
 
 
+def auto_rho_finding(run: dict[str, Any]) -> str:
+    """What ROPO (rho=auto) estimated and dropped after round 1, the set its restarted last
+    round trained without."""
+    first = run["rounds"][0]
+    flipped = first["n_flipped"] / first["n_pairs"]
+    return (
+        f"{run['label']}: after round 1 it estimated {_fmt(first.get('noise_estimate'))} of the "
+        f"pairs flipped (truly flipped: {flipped:.3f}) and dropped {first['n_dropped']} of "
+        f"{first['n_pairs']}, {_fmt(first['drop_precision'])} of them flipped, holding "
+        f"{_fmt(first['drop_recall'])} of all flips; its last round trained DPO from the SFT "
+        "model on the rest."
+    )
+
+
 def sweep_findings(sweep: dict[str, Any]) -> list[str]:
-    """One sentence per noise rate: ROPO's mean gold reward minus DPO's, whichever way it goes."""
-    groups = sweep_rows(sweep)
+    """Per flip rate, which methods beat DPO with 95% confidence, which lost to it, and which
+    the sweep cannot tell apart from it."""
     lines = []
-    for noise in sorted({n for _, n in groups}):
-        if ("dpo", noise) in groups and ("ropo", noise) in groups:
-            ropo, dpo = (
-                [r["scores"]["gold_reward"] for r in groups[(m, noise)]] for m in ("ropo", "dpo")
-            )
-            gap = sum(ropo) / len(ropo) - sum(dpo) / len(dpo)
-            verdict = "ROPO ahead" if gap > 0 else "DPO ahead"
-            lines.append(f"η = {noise:g}: ROPO − DPO = {gap:+.3f} gold reward ({verdict}).")
+    for noise in sorted({c["noise"] for c in sweep["statistics"]}):
+        groups: dict[str, list[str]] = {
+            "ahead of DPO with 95% confidence": [],
+            "behind DPO with 95% confidence": [],
+            "no clear difference from DPO": [],
+        }
+        for cell in sweep["statistics"]:
+            interval = cell["vs_dpo"]
+            if cell["noise"] != noise or interval is None:
+                continue
+            group = "no clear difference from DPO"
+            if interval["low"] > 0:
+                group = "ahead of DPO with 95% confidence"
+            elif interval["high"] < 0:
+                group = "behind DPO with 95% confidence"
+            name = sweep_label(sweep, cell["method"])
+            groups[group].append(f"{name} ({interval['estimate']:+.3f})")
+        said = [f"{group}: {', '.join(names)}" for group, names in groups.items() if names]
+        if said:
+            lines.append(f"η = {noise:g}: " + "; ".join(said) + ".")
     return lines
