@@ -1,4 +1,6 @@
-"""Named models and datasets of the paper, resolved to local paths.
+"""Named models and datasets, resolved to local paths: the paper's two 7B models, its three
+datasets (but `alpaca_comparison` reads AlpacaFarm's human preferences, a different set from the
+paper's Alpaca Comparison: docs/method.md) and SmolLM2-135M.
 
 A preset name points into $MODELS_DIR (default ./models) or $DATA_DIR (default ./data). Nothing is
 downloaded for the 7B models and the datasets: a missing directory or file is an error that says
