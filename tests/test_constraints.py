@@ -177,7 +177,7 @@ def test_settings_lists_are_parsed_and_checked() -> None:
         ("noise=0.1,0.5", "'noise' = 0.5 must be >= 0.0 and < 0.5"),
         ("seeds=1,1", "'seeds' = '1,1' must list distinct values"),
         ("seeds=a", "'seeds' = 'a' must be comma-separated int values"),
-        ("methods=dpo,ipo", "ipo not among dpo, ropo"),
+        ("methods=dpo,ipo", "ipo not among dpo, ropo, ropo_auto"),
         ("k=1", "'k' = 1 must be >= 2"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -219,18 +219,20 @@ def test_the_pipeline_on_a_tiny_model_and_a_rerun_that_skips_it_all(
     pairs = summary["pairs"]
     assert pairs["pairs"] + pairs["skipped_ties"] == 12 and pairs["pairs"] > 0
     assert [(c["method"], c["noise"], c["seeds"]) for c in summary["cells"]] == [
-        ("dpo", 0.25, 1), ("ropo", 0.25, 1),
+        ("dpo", 0.25, 1), ("ropo", 0.25, 1), ("ropo_auto", 0.25, 1),
     ]  # fmt: skip
     for row in [summary["instruct"], *summary["cells"]]:
         assert 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1
     ropo_run = next(run for run in summary["runs"] if run["method"] == "ropo")
     assert ropo_run["last_round"]["round"] == 2
+    auto_run = next(run for run in summary["runs"] if run["method"] == "ropo_auto")
+    assert auto_run["last_round"]["rho_used"] == auto_run["last_round"]["noise_estimate"]
     report = (out / "report.md").read_text()
     assert "| ROPO | 0.25 |" in report and "| instruct model (start) | - |" in report
     capsys.readouterr()
     again = run_task(s)
     printed = capsys.readouterr().out
-    assert "running" not in printed and printed.count("up to date, skipped") == 8
+    assert "running" not in printed and printed.count("up to date, skipped") == 10
     assert again["cells"] == summary["cells"]
     run_task(replace(s, rho=0.5))  # only ROPO reads rho: its run and evaluation alone rerun
     printed = capsys.readouterr().out

@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHOD_LABELS = {"instruct": "instruct model (start)", "dpo": "DPO", "ropo": "ROPO"}
+METHOD_LABELS = {
+    "instruct": "instruct model (start)",
+    "dpo": "DPO",
+    "ropo": "ROPO",
+    "ropo_auto": "ROPO (rho=auto)",
+}
 
 
 def results_table(summary: dict[str, Any]) -> str:
@@ -72,8 +77,10 @@ def describe_run(summary: dict[str, Any]) -> list[str]:
         f"{pairs['mean_chosen_reward']:.3f}, rejected {pairs['mean_rejected_reward']:.3f}; "
         f"{pairs['chosen_obeys_all']:.0%} of chosen responses obey every constraint.",
         f"- Training: {training}, lr {s['lr']:g}, beta {s['beta']:g}, batch {s['batch_size']}; "
-        f"ROPO {s['rounds']} round(s) of {s['epochs']} epoch(s), rho {s['rho']:g}, alpha "
-        f"{s['alpha']:g}; DPO {s['rounds'] * s['epochs']} epoch(s) in one round. Labels flipped "
+        f"ROPO {s['rounds']} round(s) of {s['epochs']} epoch(s), rho {s['rho']}, alpha "
+        f"{s['alpha']:g}; DPO {s['rounds'] * s['epochs']} epoch(s) in one round; ROPO (rho=auto) "
+        f"one ROPO round, then drops the flip share it estimates from the policy's preferences "
+        f"and trains DPO afresh for {s['rounds'] * s['epochs']} epoch(s). Labels flipped "
         "at rate η by `ropo train` (noise=η), a fresh draw per seed.",
         "- Evaluation: greedy answers to the held-out prompts, at most "
         f"{s['max_new_tokens']} new tokens ({cut_share(summary['instruct']):.0%} of the instruct "

@@ -20,7 +20,7 @@ from ropo.config import (
     setting,
 )
 
-METHODS = ("dpo", "ropo")
+METHODS = ("dpo", "ropo", "ropo_auto")
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,20 @@ class ConstraintSettings:
     gen_batch_size: int = setting(128, "prompts answered at once by the sampler")
     noise: str = setting("0,0.2,0.4", "comma-separated label-flip rates injected by ropo train")
     seeds: str = setting("0,1,2", "comma-separated training seeds (noise draw and data order)")
-    methods: str = setting("dpo,ropo", "comma-separated methods: dpo, ropo")
+    methods: str = setting(
+        "dpo,ropo,ropo_auto",
+        "comma-separated methods: dpo, ropo (fixed rho), ropo_auto (rho=auto with the policy's "
+        "preference ranking and a restarted DPO last round, ropo's docs/method.md 3b)",
+    )
     lora_rank: int = setting(16, "LoRA rank of the trained adapters (0 = full fine-tuning)")
     lr: float = setting(1e-4, "peak learning rate of every training run")
     beta: float = setting(0.1, "DPO/ROPO beta")
     batch_size: int = setting(16, "pairs per optimizer step")
     epochs: int = setting(1, "epochs per round; DPO trains rounds * epochs in its one round")
     rounds: int = setting(FilterSettings.rounds, "ROPO's train-then-filter rounds")
-    rho: float = setting(FilterSettings.rho, "share of pairs ROPO drops after each round")
+    rho: float | str = setting(
+        FilterSettings.rho, "share of pairs ROPO drops after each round, or auto (estimated)"
+    )
     alpha: float = setting(LossSettings.alpha, "ROPO's trade-off alpha")
     max_length: int = setting(256, "prompt + response tokens in training")
     threads: int = setting(0, "torch CPU threads (0 = torch's default)")
@@ -65,6 +71,7 @@ class ConstraintSettings:
         check_range("temperature", self.temperature, 0.0, None, low_open=True)
         check_range("lora_rank", self.lora_rank, 0, None)
         check_range("threads", self.threads, 0, None)
+        FilterSettings(rho=self.rho)  # the checks of ropo train's rho (a share, or auto)
         for rate in self.noise_rates:
             check_range("noise", rate, 0.0, 0.5, high_open=True)
         for seed in self.seed_list:

@@ -122,6 +122,10 @@ def method_overrides(method: str, s: ConstraintSettings) -> list[str]:
     """The `ropo train` keys of `method`; DPO trains as many epochs as ROPO does in all rounds."""
     if method == "dpo":
         return ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs}"]
+    if method == "ropo_auto":  # one ROPO round finds the flips, then DPO afresh on the rest
+        return ["loss=ropo", f"alpha={s.alpha}", "rounds=2", "rho=auto", "filter_score=preference",
+                "last_round=restart", f"last_round_epochs={s.rounds * s.epochs}",
+                f"epochs={s.epochs}"]  # fmt: skip
     return ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}",
             f"epochs={s.epochs}"]  # fmt: skip
 
