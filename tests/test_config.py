@@ -147,13 +147,14 @@ SOURCE = Path(ropo.__file__).parent
 READERS = {
     path: path.read_text()
     for path in sorted(SOURCE.rglob("*.py"))
-    if path not in (SOURCE / "config.py", SOURCE / "config_load.py") and "task" not in path.parts
+    if path not in (SOURCE / "config.py", SOURCE / "config_fields.py", SOURCE / "config_load.py")
+    and "task" not in path.parts
 }
 
 
 def is_read(key: str, section: str) -> bool:
     """Whether a module outside the config reads `key`: as `cfg.data.noise`, as `cfg.noise` or
-    `data.noise` (a section passed on), or as the string "noise" (LOSS_PARAMS, getattr). For a key
+    `data.noise` (a section passed on), or as the string "noise" (a dict key, getattr). For a key
     named like its section (`model`), `cfg.model` is the section: only `cfg.model.model` counts."""
     if key in SECTIONS:
         pattern = rf"\bcfg\.{key}\.{key}\b"

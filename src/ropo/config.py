@@ -3,53 +3,36 @@
 One frozen dataclass per concern, gathered into `RunConfig` (`ropo train`). Keys are flat
 (`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented below;
 `config_load.py` fills them from a YAML file and `key=value` overrides, and reports anything else
-as an error. `ropo sft` gathers the sections it shares with training (the base classes
-PolicySettings, DataFileSettings, RunDirSettings and OptimSettings) into `sft_config.SftConfig`.
+as an error. Each value is checked once, in its dataclass's `__post_init__` (the checks are in
+`config_fields.py`), so a bad value stops a run before it touches anything. `ropo sft` gathers
+the sections it shares with training (the base classes PolicySettings, DataFileSettings,
+RunDirSettings and OptimSettings) into `sft_config.SftConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
-# The `template` key: "auto" or a named template of models/chat_templates.py (chat_format.py).
-TEMPLATES = ("auto", "plain", "llama2-chat", "mistral-instruct")
-TEMPLATE_HELP = (
-    "chat template of prompts and responses: auto (the model's own chat_template from "
-    "tokenizer_config.json or chat_template.jinja; plain if it has none) | plain | "
-    "llama2-chat | mistral-instruct"
+from ropo.config_fields import (
+    TEMPLATE_HELP,
+    TEMPLATES,
+    SectionedConfig,
+    check_alpha,
+    check_beta,
+    check_choice,
+    check_device,
+    check_label_smoothing,
+    check_range,
+    setting,
 )
+
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# The losses of loss/preference.py's table LOSSES, by the name the `loss` key takes.
+LOSS_NAMES = ("dpo", "ipo", "cdpo", "rdpo", "ropo")
 # How rejection sampling picks its pair (filter/rejection.py parses and documents them).
 RS_PAIR_RULES = ("reward", "reward+original", "likelihood", "likelihood+original")
-
-
-def setting(default: Any, help: str) -> Any:
-    """A config key: its default and the help line `ropo keys` (or a subcommand's --help) shows."""
-    return field(default=default, metadata={"help": help})
-
-
-def setting_help(settings: type, key: str) -> str:
-    """The help line of `key` in the settings dataclass `settings`."""
-    return settings.__dataclass_fields__[key].metadata["help"]
-
-
-def describe_settings(settings: type, header: str = "keys (key=value):") -> str:
-    """`header`, then every key of the settings dataclass `settings` with its default and help
-    line: the --help of a command with one flat set of keys (`ropo generate`, `ropo eval`)."""
-    keys = dataclasses.fields(settings)
-    name_width = max(len(f.name) for f in keys)
-    default_width = max(len(repr(f.default)) for f in keys)
-    lines = [header]
-    for f in keys:
-        lines.append(
-            f"  {f.name:<{name_width}} {f.default!r:<{default_width}} {f.metadata['help']}"
-        )
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -183,13 +166,17 @@ class HeldoutSettings:
 
 @dataclass(frozen=True)
 class LossSettings:
-    loss: str = setting("ropo", "dpo | ipo | cdpo | rdpo | ropo")
+    """The loss and its parameters; loss/preference.py takes its defaults from here."""
+
+    loss: str = setting("ropo", " | ".join(LOSS_NAMES))
     beta: float = setting(0.1, "inverse temperature of the implicit reward beta*log(pi/pi_ref)")
+    # α = 14 as the paper's reviews and an independent re-implementation report it (the paper's
+    # own tables could not be consulted); the ablations reported use 6, 14 and 30.
     alpha: float = setting(14.0, "ROPO's trade-off alpha (> 2); larger is more conservative")
     label_smoothing: float = setting(0.1, "epsilon of cdpo / rdpo (the assumed flip rate)")
 
     def __post_init__(self) -> None:
-        check_choice("loss", self.loss, ("dpo", "ipo", "cdpo", "rdpo", "ropo"))
+        check_choice("loss", self.loss, LOSS_NAMES)
         # Every key is checked, also those the chosen loss does not use: a typo'd value in a
         # config file should not wait for the day the loss is switched.
         check_beta(self.beta)
@@ -321,37 +308,6 @@ class RunSettings(RunDirSettings):
 
 
 @dataclass(frozen=True)
-class SectionedConfig:
-    """The settings of one command: each field is a section (a settings dataclass) whose fields
-    are the flat keys. `command` and `keys_help` name the command in errors."""
-
-    command: ClassVar[str] = "ropo train"
-    keys_help: ClassVar[str] = "`ropo keys`"
-
-    @classmethod
-    def sections(cls) -> dict[str, type]:
-        """Section name -> settings class, in declaration order."""
-        return {f.name: f.default_factory for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def keys(cls) -> dict[str, tuple[str, dataclasses.Field]]:
-        """Every key -> (its section, its field)."""
-        owners = {}
-        for section, settings in cls.sections().items():
-            for f in dataclasses.fields(settings):
-                assert f.name not in owners, f"config key {f.name} declared twice"
-                owners[f.name] = (section, f)
-        return owners
-
-    def to_flat_dict(self) -> dict[str, Any]:
-        """Every key with its resolved value, in declaration order (written beside every run)."""
-        flat: dict[str, Any] = {}
-        for section in self.sections():
-            flat.update(dataclasses.asdict(getattr(self, section)))
-        return flat
-
-
-@dataclass(frozen=True)
 class RunConfig(SectionedConfig):
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -374,69 +330,3 @@ def describe_keys(config: type[SectionedConfig] = RunConfig) -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
     return "\n".join(lines)
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """ValueError naming `name` and `value` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
-
-
-def check_device(value: str) -> None:
-    """ValueError naming the key unless `value` is auto, cpu, cuda or cuda:N (N = 0, 1, ...)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
-        raise ValueError(
-            f"config key 'device' = {value!r} is not one of auto, cpu, cuda, cuda:N "
-            "(N = 0, 1, ... the GPU index)"
-        )
-
-
-# The loss parameters' checks live here, the first stage, so that a run refuses a bad value before
-# it touches the model; loss/preference.py calls the same functions when a loss is built.
-def check_beta(beta: float) -> None:
-    """ValueError unless the DPO beta is a finite number > 0."""
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"config key 'beta': beta must be a finite number > 0, got {beta!r}")
-
-
-def check_alpha(alpha: float) -> None:
-    """ValueError unless ROPO's alpha is a finite number > 2, and why."""
-    if not (math.isfinite(alpha) and alpha > 2):
-        raise ValueError(
-            f"config key 'alpha': ROPO alpha must be a finite number > 2, got {alpha!r}: only "
-            "for alpha > 2 does a pair the model confidently contradicts (t → −∞, gradient "
-            "weight 4α/(1+α)²) get less gradient than an ambiguous one (t = 0, weight "
-            "4α/(1+α)² · (2+α)/4)"
-        )
-
-
-def check_label_smoothing(label_smoothing: float) -> None:
-    """ValueError unless the flip rate epsilon of cDPO/rDPO is in [0, 0.5)."""
-    # ε ≥ 0.5 would mean the labels are more often wrong than right; rDPO divides by 1 − 2ε.
-    if not (math.isfinite(label_smoothing) and 0 <= label_smoothing < 0.5):
-        raise ValueError(
-            f"config key 'label_smoothing': label_smoothing must be in [0, 0.5), got "
-            f"{label_smoothing!r} (it is the assumed flip rate; at 0.5 labels carry no signal)"
-        )
-
-
-def check_range(
-    name: str,
-    value: float,
-    low: float | None,
-    high: float | None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """ValueError naming `name` and `value` unless it is finite and within [low, high] (None: no
-    bound; *_open: that end excluded). The built-in task's settings use it too."""
-    bad = isinstance(value, float) and not math.isfinite(value)
-    if low is not None:
-        bad = bad or value < low or (low_open and value == low)
-    if high is not None:
-        bad = bad or value > high or (high_open and value == high)
-    if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        raise ValueError(f"config key '{name}' = {value!r} must be {bounds}")

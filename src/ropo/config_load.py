@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ropo.config import RunConfig, SectionedConfig
+from ropo.config import RunConfig
+from ropo.config_fields import SectionedConfig
 
 Settings = TypeVar("Settings")
 Config = TypeVar("Config", bound=SectionedConfig)

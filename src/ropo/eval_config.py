@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropo.config import (
+from ropo.config_fields import (
     TEMPLATE_HELP,
     TEMPLATES,
     check_beta,

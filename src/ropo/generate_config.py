@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropo.config import (
+from ropo.config_fields import (
     TEMPLATE_HELP,
     TEMPLATES,
     check_choice,

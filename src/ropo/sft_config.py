@@ -17,11 +17,9 @@ from ropo.config import (
     OptimSettings,
     PolicySettings,
     RunDirSettings,
-    SectionedConfig,
-    check_range,
     describe_keys,
-    setting,
 )
+from ropo.config_fields import SectionedConfig, check_range, setting
 
 
 @dataclass(frozen=True)

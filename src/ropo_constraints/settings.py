@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropo.config import (
+from ropo.config import FilterSettings, LossSettings
+from ropo.config_fields import (
     TEMPLATES,
-    FilterSettings,
-    LossSettings,
     check_choice,
     check_device,
     check_range,
