@@ -27,6 +27,7 @@ from ropo.data import PreferencePair, read_records
 from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
 from ropo.filter.weights import DropDecision
 from ropo.logps import PairLogps
+from ropo.loss import preference_margin
 from ropo.run_dir import RunIdentity
 
 
@@ -92,7 +93,9 @@ def pair_records(
     flips: Mapping[str, bool] | None,
 ) -> list[dict[str, Any]]:
     """One audit record per pair (the fields documented in the README); rounds count from 1."""
-    margins = _margins(policy, reference)
+    margins = preference_margin(
+        policy.chosen, policy.rejected, reference.chosen, reference.rejected
+    )
     weights = decision.weights.tolist()
     records = []
     for i, pair_id in enumerate(ids):
@@ -241,10 +244,6 @@ def export_cleaned(
             "during the run; restore it and resume the run"
         )
     os.replace(tmp, path)
-
-
-def _margins(policy: PairLogps, reference: PairLogps) -> Tensor:
-    return (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
 
 
 def _mean(values: Tensor) -> float:

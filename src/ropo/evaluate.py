@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from ropo.logps import PairLogps
-from ropo.loss import dpo_loss, implicit_rewards
+from ropo.loss import dpo_loss, implicit_rewards, preference_margin
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -41,7 +41,7 @@ class HeldoutMetrics:
 
 def implicit_margins(policy: PairLogps, reference: PairLogps) -> Tensor:
     """(policy - reference) log-prob of chosen minus that of rejected, (N,), in nats."""
-    return (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    return preference_margin(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
 
 
 def preference_accuracy(margins: Tensor) -> float:

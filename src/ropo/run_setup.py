@@ -21,7 +21,7 @@ from ropo.config import RunConfig, RunDirSettings
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
 from ropo.heldout import HeldoutPairs, heldout_inputs, prepare_heldout, split_heldout
-from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
+from ropo.loss import PreferenceLoss, get_loss
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.config import read_model_config
@@ -228,7 +228,8 @@ def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
 
 def loss_params(cfg: RunConfig) -> dict[str, float]:
     """The extra parameters the chosen loss takes (alpha for ropo, epsilon for cdpo/rdpo)."""
-    return {name: getattr(cfg.loss, name) for name in LOSS_PARAMS[cfg.loss.loss]}
+    given = {"alpha": cfg.loss.alpha, "label_smoothing": cfg.loss.label_smoothing}
+    return {name: given[name] for name in get_loss(cfg.loss.loss).params}
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:

@@ -20,7 +20,7 @@ from ropo.distributed import rank_share, sum_over_ranks
 from ropo.faults import maybe_crash
 from ropo.filter.weights import keep_count
 from ropo.logps import PairLogps, collate_pairs, response_logps
-from ropo.loss import PreferenceLoss
+from ropo.loss import PreferenceLoss, preference_margin
 from ropo.models.llama import Transformer
 from ropo.ref_cache import RefLogps
 from ropo.sft_config import SftConfig
@@ -218,7 +218,9 @@ def pair_losses(
     if loss_fn.length_normalized:
         policy, reference = policy.mean(), reference.mean()
     losses = loss_fn(policy.chosen, policy.rejected, reference.chosen, reference.rejected)
-    margins = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    margins = preference_margin(
+        policy.chosen, policy.rejected, reference.chosen, reference.rejected
+    )
     return losses, margins.detach()
 
 

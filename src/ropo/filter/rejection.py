@@ -29,6 +29,7 @@ from torch import Tensor
 from ropo.data import TokenizedPair
 from ropo.faults import maybe_crash
 from ropo.logps import PairLogps, collate_sequences, sequence_logps
+from ropo.loss import implicit_reward
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 from ropo.progress import progress_bar
@@ -173,7 +174,7 @@ def candidate_scores(
     """
     if score_name == "likelihood":
         return policy_logps / n_tokens.clamp(min=1.0)
-    return beta * (policy_logps - ref_logps)
+    return implicit_reward(policy_logps, ref_logps, beta)
 
 
 def _as_pair_logps(picked: list[torch.Tensor], pairs: list[TokenizedPair]) -> PairLogps:

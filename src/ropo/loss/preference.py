@@ -4,42 +4,24 @@ Stage: log-probs → reference cache → **loss** → filter. Averaging and the 
 applied by the caller; nothing here reduces over pairs.
 
 Notation: N pairs; every log-prob tensor is (N,). Δ = (policy_chosen − ref_chosen) −
-(policy_rejected − ref_rejected) is the margin, t = β·Δ, σ the logistic function. `beta` is the
-DPO β (KL strength), `alpha` the ROPO α, `label_smoothing` the flip rate ε of cDPO/rDPO, each as in
-its paper. Log-probs are SUMMED over response tokens, except for IPO, which takes MEAN log-probs.
+(policy_rejected − ref_rejected) is the margin (margin.py), t = β·Δ, σ the logistic function.
+`beta` is the DPO β (KL strength), `alpha` the ROPO α, `label_smoothing` the flip rate ε of
+cDPO/rDPO, each as in its paper. Log-probs are SUMMED over response tokens, except for IPO, which
+takes MEAN log-probs. The parameters are checked once, when the config is read (config.py); the
+defaults are the config's.
 """
 
+import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ropo.config import check_alpha, check_beta, check_label_smoothing
-
-# α = 14 as the paper's reviews and an independent re-implementation report it (the paper's own
-# tables could not be consulted); the ablations reported use 6, 14 and 30.
-ROPO_ALPHA = 14.0
-LABEL_SMOOTHING = 0.1  # default ε for cDPO/rDPO when the config does not give one
-
-
-def _margin(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-) -> Tensor:
-    """Δ, shape (N,): how much more than the reference the policy prefers chosen to rejected."""
-    shapes = {
-        tuple(x.shape)
-        for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    }
-    if len(shapes) != 1:
-        # Broadcasting (N,) against (N, 1) would silently give an (N, N) "loss".
-        raise ValueError(f"log-prob tensors must share one shape (N,), got shapes {sorted(shapes)}")
-    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+from ropo.config import LossSettings
+from ropo.loss.margin import implicit_reward, preference_margin
 
 
 def implicit_rewards(
@@ -53,10 +35,8 @@ def implicit_rewards(
 
     Their difference is the margin t = β·Δ; at step 0 (policy == reference) both are 0.
     """
-    check_beta(beta)
-    _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
+    rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
     return chosen_rewards, rejected_rewards
 
 
@@ -71,8 +51,7 @@ def dpo_loss(
 
     Gradient weight −∂ℓ/∂t = σ(−t): largest for the pairs the policy contradicts most.
     """
-    check_beta(beta)
-    t = beta * _margin(
+    t = beta * preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     return -F.logsigmoid(t)
@@ -90,8 +69,7 @@ def ipo_loss(
     Takes MEAN (length-averaged) log-probs over response tokens, as TRL does: with summed log-probs
     the fixed target 1/(2β) would mean something different for long and short responses.
     """
-    check_beta(beta)
-    margin = _margin(
+    margin = preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     return (margin - 1 / (2 * beta)) ** 2
@@ -104,15 +82,13 @@ def cdpo_loss(
     ref_rejected_logps: Tensor,
     beta: float,
     *,
-    label_smoothing: float = LABEL_SMOOTHING,
+    label_smoothing: float = LossSettings.label_smoothing,
 ) -> Tensor:
     """Per-pair conservative DPO (1−ε)·(−log σ(t)) + ε·(−log σ(−t)), shape (N,), summed log-probs.
 
     Mitchell 2023, "A note on DPO with noisy preferences": DPO on labels assumed flipped at rate ε.
     """
-    check_beta(beta)
-    check_label_smoothing(label_smoothing)
-    t = beta * _margin(
+    t = beta * preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     return (1 - label_smoothing) * -F.logsigmoid(t) + label_smoothing * -F.logsigmoid(-t)
@@ -125,16 +101,14 @@ def rdpo_loss(
     ref_rejected_logps: Tensor,
     beta: float,
     *,
-    label_smoothing: float = LABEL_SMOOTHING,
+    label_smoothing: float = LossSettings.label_smoothing,
 ) -> Tensor:
     """Per-pair robust DPO [(1−ε)·(−log σ(t)) − ε·(−log σ(−t))] / (1 − 2ε), shape (N,).
 
     Summed log-probs. Chowdhury et al. 2024, "Provably robust DPO": an unbiased estimate of the
     clean DPO loss when labels flip at a known rate ε < 0.5.
     """
-    check_beta(beta)
-    check_label_smoothing(label_smoothing)
-    t = beta * _margin(
+    t = beta * preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     eps = label_smoothing
@@ -153,11 +127,16 @@ def noise_aware_loss(
     Symmetric, ℓ_na(Δ) + ℓ_na(−Δ) = 1, so symmetric flips at rate η < 0.5 only rescale the risk:
     (1 − 2η)·R_clean + η. Its gradient σ(t)σ(−t) vanishes for confident pairs either way.
     """
-    check_beta(beta)
-    t = beta * _margin(
+    t = beta * preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     return torch.sigmoid(-t)
+
+
+def ropo_scale(alpha: float) -> float:
+    """4α/(1+α)²: the factor that makes ROPO's peak gradient weight exactly 1 (see
+    `ropo_gradient_weight`), and its weight for a confidently contradicted pair (t → −∞)."""
+    return 4 * alpha / (1 + alpha) ** 2
 
 
 def ropo_loss(
@@ -167,33 +146,29 @@ def ropo_loss(
     ref_rejected_logps: Tensor,
     beta: float,
     *,
-    alpha: float = ROPO_ALPHA,
+    alpha: float = LossSettings.alpha,
 ) -> Tensor:
     """Per-pair ROPO loss 4α/(1+α)² · (−log σ(t) + α·σ(−t)), shape (N,), summed log-probs.
 
-    Liang et al. 2404.04102: DPO plus α times the noise-aware term ℓ_na = σ(−t). The factor
-    4α/(1+α)² scales the peak gradient weight to exactly 1 (see `ropo_gradient_weight`). α > 2.
+    Liang et al. 2404.04102: DPO plus α times the noise-aware term ℓ_na = σ(−t), scaled by
+    `ropo_scale`. α > 2 (config.py checks it and says why).
     """
-    check_beta(beta)
-    check_alpha(alpha)
-    t = beta * _margin(
+    t = beta * preference_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    scale = 4 * alpha / (1 + alpha) ** 2
-    return scale * (-F.logsigmoid(t) + alpha * torch.sigmoid(-t))
+    return ropo_scale(alpha) * (-F.logsigmoid(t) + alpha * torch.sigmoid(-t))
 
 
-def ropo_gradient_weight(margin_t: Tensor, alpha: float = ROPO_ALPHA) -> Tensor:
+def ropo_gradient_weight(margin_t: Tensor, alpha: float = LossSettings.alpha) -> Tensor:
     """−∂ℓ_ropo/∂t = 4α/(1+α)² · σ(−t)·(1 + α·σ(t)) at t = β·Δ, same shape as `margin_t`.
 
     Peaks at exactly 1 where σ(t) = (α−1)/(2α), i.e. t = ln((α−1)/(α+1)); tends to 4α/(1+α)² as
     t → −∞ (a confidently contradicted pair, likely flipped) and to 0 as t → +∞.
     """
-    check_alpha(alpha)
-    scale = 4 * alpha / (1 + alpha) ** 2
-    return scale * torch.sigmoid(-margin_t) * (1 + alpha * torch.sigmoid(margin_t))
+    return ropo_scale(alpha) * torch.sigmoid(-margin_t) * (1 + alpha * torch.sigmoid(margin_t))
 
 
+# The `loss` key's names (config.LOSS_NAMES) to the functions above.
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "dpo": dpo_loss,
     "ipo": ipo_loss,
@@ -201,54 +176,18 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "rdpo": rdpo_loss,
     "ropo": ropo_loss,
 }
-
-# Each loss's own parameters and their defaults; anything else passed to get_loss is an error.
-LOSS_PARAMS: dict[str, dict[str, float]] = {
-    "dpo": {},
-    "ipo": {},
-    "cdpo": {"label_smoothing": LABEL_SMOOTHING},
-    "rdpo": {"label_smoothing": LABEL_SMOOTHING},
-    "ropo": {"alpha": ROPO_ALPHA},
-}
-
-_PARAM_CHECKS: dict[str, Callable[[float], None]] = {
-    "label_smoothing": check_label_smoothing,
-    "alpha": check_alpha,
-}
-
 # Losses whose formula expects MEAN log-probs over response tokens; all others take SUMMED ones.
 LENGTH_NORMALIZED = frozenset({"ipo"})
 
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """A loss chosen by name with its β and parameters bound; call it like the bare loss function.
-
-    `length_normalized` tells the training loop which log-probs to pass: MEAN over response tokens
-    when True (IPO), SUMMED otherwise.
-    """
+    """LOSSES[name] with β and its own parameters bound (get_loss makes one); call it on the
+    four (N,) log-prob tensors. `length_normalized`: pass MEAN log-probs (IPO), else SUMMED."""
 
     name: str
     beta: float
-    params: Mapping[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"unknown loss {self.name!r}; known losses: {sorted(LOSSES)}")
-        check_beta(self.beta)
-        expected = LOSS_PARAMS[self.name].keys()
-        unknown = sorted(set(self.params) - set(expected))
-        missing = sorted(set(expected) - set(self.params))
-        if unknown or missing:
-            raise ValueError(
-                f"loss {self.name!r} takes parameters {sorted(expected)}; "
-                f"unknown: {unknown}, missing: {missing}"
-            )
-        params = {key: float(value) for key, value in self.params.items()}
-        for key, value in params.items():
-            _PARAM_CHECKS[key](value)
-        # Read-only, so a loss bound once cannot be changed under a running loop.
-        object.__setattr__(self, "params", MappingProxyType(params))
+    params: Mapping[str, float]
 
     @property
     def length_normalized(self) -> bool:
@@ -273,12 +212,13 @@ class PreferenceLoss:
         )
 
 
-def get_loss(name: str, beta: float = 0.1, **params: float) -> PreferenceLoss:
-    """The loss `name` (a key of LOSSES) with β and its parameters bound; omitted ones get defaults.
-
-    Defaults: ropo alpha = 14, cdpo/rdpo label_smoothing = 0.1. A parameter the loss does not take
-    (get_loss("dpo", alpha=3)) raises ValueError rather than being ignored.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
-    return PreferenceLoss(name, beta, {**LOSS_PARAMS[name], **params})
+def get_loss(name: str, beta: float = LossSettings.beta, **params: float) -> PreferenceLoss:
+    """LOSSES[name] with β and its parameters bound; the ones left out take the function's own
+    defaults (the config's: ropo alpha = 14, cdpo/rdpo label_smoothing = 0.1). A parameter the
+    loss does not take (get_loss("dpo", alpha=3)) is a TypeError here, not at the first call."""
+    # The loss function's keyword parameters are its declaration; no second list to keep in step.
+    arguments = inspect.signature(LOSSES[name]).bind_partial(beta=beta, **params)
+    arguments.apply_defaults()
+    bound = {key: value for key, value in arguments.arguments.items() if key != "beta"}
+    # Read-only, so a loss bound once cannot be changed under a running loop.
+    return PreferenceLoss(name, beta, MappingProxyType(bound))
