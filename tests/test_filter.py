@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from ropo.config import FilterSettings
 from ropo.filter import (
     DropDecision,
     auroc,
@@ -26,7 +27,7 @@ MARGINS = [-0.9, -0.1, -0.5, -2.0, -0.3, -1.2, -0.7, 0.05, -3.0, -0.6]
 
 
 def test_worked_example_keeps_the_seven_highest_margins() -> None:
-    decision = select_drops(IDS, torch.tensor(MARGINS), drop_rate=0.3)
+    decision = select_drops(IDS, torch.tensor(MARGINS), rho=0.3)
     assert decision.n_keep == 7
     assert decision.dropped_ids == ("p3", "p5", "p8")  # input order, not margin order
     assert decision.kept_ids == ("p0", "p1", "p2", "p4", "p6", "p7", "p9")
@@ -38,13 +39,13 @@ def test_worked_example_keeps_the_seven_highest_margins() -> None:
 
 def test_weights_are_detached_from_a_graph() -> None:
     margins = torch.tensor(MARGINS, requires_grad=True)
-    decision = select_drops(IDS, margins * 2, drop_rate=0.3)
+    decision = select_drops(IDS, margins * 2, rho=0.3)
     assert not decision.weights.requires_grad
     assert decision.weights.grad_fn is None
 
 
 @pytest.mark.parametrize(
-    ("n_pairs", "drop_rate", "want"),
+    ("n_pairs", "rho", "want"),
     [
         (10, 0.3, 7),  # 7.0
         (5, 0.5, 3),  # 2.5 rounds up; Python round(2.5) gives 2
@@ -57,35 +58,35 @@ def test_weights_are_detached_from_a_graph() -> None:
         (0, 0.3, 0),
     ],
 )
-def test_keep_count_rounds_half_up(n_pairs: int, drop_rate: float, want: int) -> None:
-    assert keep_count(n_pairs, drop_rate) == want
+def test_keep_count_rounds_half_up(n_pairs: int, rho: float, want: int) -> None:
+    assert keep_count(n_pairs, rho) == want
 
 
 def test_ties_are_broken_by_id_whatever_the_input_order() -> None:
     # Four equal margins, keep 2: the tie goes to the smaller ids, "a" and "b".
     ids = ["d", "b", "a", "c"]
-    decision = select_drops(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]), drop_rate=0.5)
+    decision = select_drops(ids, torch.tensor([1.0, 1.0, 1.0, 1.0]), rho=0.5)
     assert set(decision.kept_ids) == {"a", "b"}
     assert decision.kept_ids == ("b", "a")  # reported in input order
 
     # Shuffled inputs with ties across the keep boundary always keep the same ids.
     ids = [f"q{i:02d}" for i in range(12)]
     margins = [-0.5, -0.2, -0.5, -0.9, -0.5, -0.2, -0.5, -0.1, -0.5, -0.9, -0.5, -0.2]
-    want = set(select_drops(ids, torch.tensor(margins), drop_rate=0.5).kept_ids)
+    want = set(select_drops(ids, torch.tensor(margins), rho=0.5).kept_ids)
     rng = random.Random(0)
     for _ in range(20):
         order = list(range(12))
         rng.shuffle(order)
         decision = select_drops(
-            [ids[i] for i in order], torch.tensor([margins[i] for i in order]), drop_rate=0.5
+            [ids[i] for i in order], torch.tensor([margins[i] for i in order]), rho=0.5
         )
         assert set(decision.kept_ids) == want
     # keep 6: q07 (-0.1), q01 q05 q11 (-0.2), then the two smallest ids among the -0.5s: q00, q02
     assert want == {"q07", "q01", "q05", "q11", "q00", "q02"}
 
 
-def test_drop_rate_zero_keeps_everything() -> None:
-    decision = select_drops(IDS, torch.tensor(MARGINS), drop_rate=0.0)
+def test_rho_zero_keeps_everything() -> None:
+    decision = select_drops(IDS, torch.tensor(MARGINS), rho=0.0)
     assert decision.dropped_ids == ()
     assert decision.weights.tolist() == [1.0] * 10
 
@@ -95,7 +96,7 @@ def test_hard_weights_solve_the_linear_program() -> None:
     # ℓ = −Δ): no 0/1 choice and no fractional w does better.
     losses = torch.tensor([0.7, -0.2, 1.5, 0.3, 0.3, 2.2], dtype=torch.float64)
     ids = [f"r{i}" for i in range(6)]
-    decision = select_drops(ids, -losses, drop_rate=1 / 3)
+    decision = select_drops(ids, -losses, rho=1 / 3)
     ours = (decision.weights.double() * losses).sum().item()
     best = min(sum(losses[list(c)].tolist()) for c in itertools.combinations(range(6), 4))
     assert ours == pytest.approx(best)  # −0.2 + 0.3 + 0.3 + 0.7 = 1.1
@@ -111,24 +112,27 @@ def test_hard_weights_solve_the_linear_program() -> None:
 def test_non_finite_margins_are_named() -> None:
     margins = torch.tensor([0.1, math.nan, 0.3, math.inf])
     with pytest.raises(ValueError, match=r"2 pair\(s\).*\['b', 'd'\]"):
-        select_drops(["a", "b", "c", "d"], margins, drop_rate=0.25)
+        select_drops(["a", "b", "c", "d"], margins, rho=0.25)
 
 
-@pytest.mark.parametrize("drop_rate", [1.0, -0.1, 1.5, math.nan])
-def test_bad_drop_rate(drop_rate: float) -> None:
-    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\)"):
-        select_drops(IDS, torch.tensor(MARGINS), drop_rate=drop_rate)
-    with pytest.raises(ValueError, match="drop_rate"):
-        keep_count(10, drop_rate)
+@pytest.mark.parametrize("rho", [1.0, -0.1, 1.5, math.nan])
+def test_bad_rho(rho: float) -> None:
+    # ρ is checked once, when the config is read; the w-step asserts it as an invariant.
+    with pytest.raises(ValueError, match=rf"config key 'rho' = {rho!r} must be >= 0.0 and < 1.0"):
+        FilterSettings(rho=rho)
+    with pytest.raises(AssertionError, match=r"rho must be in \[0, 1\)"):
+        select_drops(IDS, torch.tensor(MARGINS), rho=rho)
+    with pytest.raises(AssertionError, match="rho"):
+        keep_count(10, rho)
 
 
 def test_bad_shapes_and_ids() -> None:
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        select_drops(["a", "b", "c"], torch.tensor([0.1, 0.2]), drop_rate=0.3)
+        select_drops(["a", "b", "c"], torch.tensor([0.1, 0.2]), rho=0.3)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        select_drops(["a", "b"], torch.tensor([[0.1, 0.2]]), drop_rate=0.3)
+        select_drops(["a", "b"], torch.tensor([[0.1, 0.2]]), rho=0.3)
     with pytest.raises(ValueError, match=r"unique.*\['a'\]"):
-        select_drops(["a", "b", "a"], torch.tensor([0.1, 0.2, 0.3]), drop_rate=0.3)
+        select_drops(["a", "b", "a"], torch.tensor([0.1, 0.2, 0.3]), rho=0.3)
     with pytest.raises(ValueError, match="n_pairs"):
         keep_count(-1, 0.3)
 
@@ -141,7 +145,7 @@ def test_decision_checks_its_own_invariants() -> None:
 
 
 def test_empty_input() -> None:
-    decision = select_drops([], torch.tensor([]), drop_rate=0.3)
+    decision = select_drops([], torch.tensor([]), rho=0.3)
     assert isinstance(decision, DropDecision)
     assert decision.n_keep == 0 and decision.kept_ids == () and decision.dropped_ids == ()
 
@@ -230,7 +234,7 @@ def test_every_loss_drops_the_pair_it_contradicts_most(loss_name: str) -> None:
     policy = PairLogps(torch.tensor([-5.0, 0.0, 5.0, 100.0]), torch.zeros(4), tokens, tokens)
     reference = PairLogps(torch.zeros(4), torch.zeros(4), tokens, tokens)
     losses, margins = pair_losses(loss_fn, policy, reference)
-    decision = select_drops(["a", "b", "c", "d"], margins, drop_rate=0.25)
+    decision = select_drops(["a", "b", "c", "d"], margins, rho=0.25)
     assert decision.dropped_ids == ("a",)
     if loss_name in ("ipo", "cdpo"):  # the trap the margin avoids
         assert losses.argmax().item() == 3

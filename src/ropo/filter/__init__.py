@@ -1,9 +1,9 @@
 """The w-step and its audit: which pairs to keep, and how well the drops match injected flips.
 
 Public interface:
-    select_drops(ids, margins, drop_rate) -> DropDecision (0/1 weights summing to n_keep)
-    keep_count(n_pairs, drop_rate)       -> round-half-up (1 − ρ)·N
-    estimate_flip_rate(margins)          -> the share of flipped pairs, for rho=auto
+    select_drops(ids, margins, rho) -> DropDecision (0/1 weights summing to n_keep)
+    keep_count(n_pairs, rho)        -> round-half-up (1 − ρ)·N
+    estimate_flip_rate(margins)     -> the share of flipped pairs, for rho=auto
     drop_precision_recall, auroc, reward_accuracy -> floats for the audit log
 """
 

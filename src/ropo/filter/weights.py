@@ -20,7 +20,7 @@ from torch import Tensor
 class DropDecision:
     """Which pairs the w-step keeps: `weights` (N,) float32, detached, on CPU, 1 = keep, 0 = drop.
 
-    The weights sum to n_keep = keep_count(N, drop_rate), not to 1 and not to N.
+    The weights sum to n_keep = keep_count(N, rho), not to 1 and not to N.
     """
 
     ids: tuple[str, ...]  # every scored pair id, in input order
@@ -46,26 +46,22 @@ class DropDecision:
         return tuple(pid for pid, w in zip(self.ids, self.weights.tolist(), strict=True) if not w)
 
 
-def _check_drop_rate(drop_rate: float) -> None:
-    if not (math.isfinite(drop_rate) and 0 <= drop_rate < 1):
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-
-
-def keep_count(n_pairs: int, drop_rate: float) -> int:
+def keep_count(n_pairs: int, rho: float) -> int:
     """(1 − ρ)·N rounded half up, floor((1 − ρ)·N + 1/2), computed exactly on ρ as written.
 
     Python's round() rounds halves to even (round(2.5) == 2), and in floats (1 − 0.3)·45 is
-    31.4999…, not 31.5; reading ρ through its decimal string makes 0.3 exactly 3/10.
+    31.4999…, not 31.5; reading ρ through its decimal string makes 0.3 exactly 3/10. ρ, the share
+    of pairs dropped, is the `rho` key (checked when the config is read) or rho=auto's estimate.
     """
-    _check_drop_rate(drop_rate)
+    assert 0 <= rho < 1, f"rho must be in [0, 1), got {rho!r}"
     if n_pairs < 0:
         raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
-    keep_share = 1 - Fraction(str(float(drop_rate)))
+    keep_share = 1 - Fraction(str(float(rho)))
     return math.floor(keep_share * n_pairs + Fraction(1, 2))
 
 
 @torch.no_grad()
-def select_drops(ids: Sequence[str], margins: Tensor, drop_rate: float) -> DropDecision:
+def select_drops(ids: Sequence[str], margins: Tensor, rho: float) -> DropDecision:
     """Keep the keep_count(N, ρ) pairs with the highest margin Δ; `margins` (N,) aligns with `ids`.
 
     The paper keeps the lowest-loss pairs: min_w Σ w_i·ℓ_i s.t. Σ w_i = (1 − ρ)·N, 0 ≤ w_i ≤ 1, a
@@ -77,7 +73,6 @@ def select_drops(ids: Sequence[str], margins: Tensor, drop_rate: float) -> DropD
     Δ, then by id, so every rank reaches the same decision whatever the input order. The returned
     weights sum to n_keep (not 1, not N).
     """
-    _check_drop_rate(drop_rate)
     ids = tuple(ids)
     margins = torch.as_tensor(margins)
     if margins.dim() != 1 or margins.numel() != len(ids):
@@ -93,7 +88,7 @@ def select_drops(ids: Sequence[str], margins: Tensor, drop_rate: float) -> DropD
     if non_finite:
         raise ValueError(f"non-finite margin for {len(non_finite)} pair(s), e.g. {non_finite[:10]}")
 
-    n_keep = keep_count(len(ids), drop_rate)
+    n_keep = keep_count(len(ids), rho)
     order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))
     weights = torch.zeros(len(ids), dtype=torch.float32)
     weights[torch.tensor(order[:n_keep], dtype=torch.long)] = 1.0
