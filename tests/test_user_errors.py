@@ -324,6 +324,17 @@ def test_loss_keys_are_checked_before_model_and_data(
     assert f"ropo: error: command line '{setting}': {message}" in err, err
 
 
+def test_a_bad_alpha_stops_the_run_before_it_creates_anything(
+    model: Path, data: Path, tmp_path: Path
+) -> None:
+    # Model and data are fine: the config alone is wrong, and it is checked when it is read,
+    # before the run directory, the process group, the tokenizer or the memory check.
+    args = train_args(model, data, tmp_path, "loss=ropo", "alpha=1.5")
+    err = refused([model, data], *args, cwd=tmp_path)
+    assert "ropo: error: command line 'alpha=1.5': config key 'alpha'" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_yaml_key_names_both_lines(model: Path, data: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text("loss: dpo\nrho: 0.0\nrounds: 1\nrho: 0.2\n")
