@@ -19,6 +19,7 @@ from ropo.loss import (
     implicit_rewards,
     ipo_loss,
     noise_aware_loss,
+    preference_margin,
     rdpo_loss,
     ropo_gradient_weight,
     ropo_loss,
@@ -114,12 +115,13 @@ def test_matches_formula_on_random_inputs(name: str, beta: float) -> None:
 
 def test_bound_loss_equals_bare_function() -> None:
     inputs = _random_inputs()
+    margin = preference_margin(*inputs)
     pairs = [
-        (get_loss("dpo", beta=0.3), dpo_loss(*inputs, 0.3)),
-        (get_loss("ipo", beta=0.3), ipo_loss(*inputs, 0.3)),
-        (get_loss("cdpo", beta=0.3), cdpo_loss(*inputs, 0.3, label_smoothing=0.1)),
-        (get_loss("rdpo", beta=0.3), rdpo_loss(*inputs, 0.3, label_smoothing=0.1)),
-        (get_loss("ropo", beta=0.3), ropo_loss(*inputs, 0.3, alpha=14.0)),
+        (get_loss("dpo", beta=0.3), dpo_loss(margin, 0.3)),
+        (get_loss("ipo", beta=0.3), ipo_loss(margin, 0.3)),
+        (get_loss("cdpo", beta=0.3), cdpo_loss(margin, 0.3, label_smoothing=0.1)),
+        (get_loss("rdpo", beta=0.3), rdpo_loss(margin, 0.3, label_smoothing=0.1)),
+        (get_loss("ropo", beta=0.3), ropo_loss(margin, 0.3, alpha=14.0)),
     ]
     for bound, bare in pairs:
         torch.testing.assert_close(bound(*inputs), bare, rtol=0, atol=0)
@@ -133,9 +135,8 @@ def test_gradcheck(name: str) -> None:
 
 
 def _ropo_of_t(t: torch.Tensor, alpha: float) -> torch.Tensor:
-    # With β = 1 and only the policy's chosen log-prob non-zero, Δ = t.
-    zeros = torch.zeros_like(t)
-    return ropo_loss(t, zeros, zeros, zeros, 1.0, alpha=alpha)
+    # With β = 1, Δ = t.
+    return ropo_loss(t, 1.0, alpha=alpha)
 
 
 @pytest.mark.parametrize("alpha", [3.0, 6.0, 14.0, 30.0])
@@ -157,7 +158,7 @@ def test_ropo_gradient_weight_scales_with_beta() -> None:
     pc, pr, rc, rr = _random_inputs(n=8, seed=2)
     pc.requires_grad_()
     beta = 0.1
-    (grad,) = torch.autograd.grad(ropo_loss(pc, pr, rc, rr, beta).sum(), pc)
+    (grad,) = torch.autograd.grad(ropo_loss(preference_margin(pc, pr, rc, rr), beta).sum(), pc)
     t = beta * ((pc - rc) - (pr - rr)).detach()
     torch.testing.assert_close(-grad, beta * ropo_gradient_weight(t), rtol=1e-12, atol=1e-14)
 
@@ -203,18 +204,19 @@ def test_step_zero_invariant(alpha: float) -> None:
     # π_θ = π_ref: every Δ is 0, so t = 0, −log σ(0) = ln 2 and σ(0) = ½.
     logps_chosen, logps_rejected = _random_inputs(n=6, seed=3)[:2]
     same = (logps_chosen, logps_rejected, logps_chosen.clone(), logps_rejected.clone())
+    margin = preference_margin(*same)
     ln2 = math.log(2)
     full = torch.full((6,), 1.0, dtype=torch.float64)
-    torch.testing.assert_close(dpo_loss(*same, 0.1), ln2 * full)
-    torch.testing.assert_close(cdpo_loss(*same, 0.1, label_smoothing=0.2), ln2 * full)
-    torch.testing.assert_close(rdpo_loss(*same, 0.1, label_smoothing=0.2), ln2 * full)
+    torch.testing.assert_close(dpo_loss(margin, 0.1), ln2 * full)
+    torch.testing.assert_close(cdpo_loss(margin, 0.1, label_smoothing=0.2), ln2 * full)
+    torch.testing.assert_close(rdpo_loss(margin, 0.1, label_smoothing=0.2), ln2 * full)
     # ROPO: 4α/(1+α)² · (ln 2 + α·½); α = 14: 0.248889 · 7.693147 = 1.914739
     want_ropo = 4 * alpha / (1 + alpha) ** 2 * (ln2 + alpha / 2)
-    torch.testing.assert_close(ropo_loss(*same, 0.1, alpha=alpha), want_ropo * full)
+    torch.testing.assert_close(ropo_loss(margin, 0.1, alpha=alpha), want_ropo * full)
     if alpha == 14.0:
         assert want_ropo == pytest.approx(1.914739, abs=1e-6)
     # IPO: (0 − 1/(2β))² = (1/0.2)² = 25 at β = 0.1
-    torch.testing.assert_close(ipo_loss(*same, 0.1), 25.0 * full)
+    torch.testing.assert_close(ipo_loss(margin, 0.1), 25.0 * full)
 
     chosen_rewards, rejected_rewards = implicit_rewards(*same, 0.1)
     assert not chosen_rewards.any() and not rejected_rewards.any()
@@ -224,23 +226,24 @@ def test_step_zero_invariant(alpha: float) -> None:
 def test_noise_aware_term_is_symmetric() -> None:
     # Swapping chosen and rejected negates Δ; σ(−t) + σ(t) = 1, so ℓ_na(Δ) + ℓ_na(−Δ) = 1.
     pc, pr, rc, rr = _random_inputs(seed=4)
-    forward = noise_aware_loss(pc, pr, rc, rr, 0.1)
-    swapped = noise_aware_loss(pr, pc, rr, rc, 0.1)
+    margin, margin_swapped = preference_margin(pc, pr, rc, rr), preference_margin(pr, pc, rr, rc)
+    forward = noise_aware_loss(margin, 0.1)
+    swapped = noise_aware_loss(margin_swapped, 0.1)
     torch.testing.assert_close(forward + swapped, torch.ones_like(forward))
     # Hence under symmetric flips at rate η the expected loss is (1 − 2η)·ℓ_na + η: same minimiser.
     eta = 0.3
     noisy = (1 - eta) * forward + eta * swapped
     torch.testing.assert_close(noisy, (1 - 2 * eta) * forward + eta)
     # DPO has no such property: at Δ = 0 the two sides sum to 2 ln 2, elsewhere to something else.
-    dpo_sum = dpo_loss(pc, pr, rc, rr, 0.1) + dpo_loss(pr, pc, rr, rc, 0.1)
+    dpo_sum = dpo_loss(margin, 0.1) + dpo_loss(margin_swapped, 0.1)
     assert not torch.allclose(dpo_sum, dpo_sum[0].expand_as(dpo_sum))
 
 
 def test_ropo_is_scaled_dpo_plus_alpha_noise_aware() -> None:
-    inputs = _random_inputs(seed=5)
+    margin = preference_margin(*_random_inputs(seed=5))
     alpha, beta = 6.0, 0.2
-    want = 24 / 49 * (dpo_loss(*inputs, beta) + alpha * noise_aware_loss(*inputs, beta))
-    torch.testing.assert_close(ropo_loss(*inputs, beta, alpha=alpha), want)
+    want = 24 / 49 * (dpo_loss(margin, beta) + alpha * noise_aware_loss(margin, beta))
+    torch.testing.assert_close(ropo_loss(margin, beta, alpha=alpha), want)
 
 
 def test_get_loss_defaults_and_length_flags() -> None:
@@ -301,4 +304,4 @@ def test_mismatched_shapes_are_rejected() -> None:
     # (N,) against (N, 1) would broadcast to an (N, N) loss without this check.
     pc, pr, rc, rr = _worked_inputs()
     with pytest.raises(ValueError, match=r"share one shape.*\(2, 1\)"):
-        dpo_loss(pc, pr, rc.unsqueeze(1), rr, 0.1)
+        get_loss("dpo", beta=0.1)(pc, pr, rc.unsqueeze(1), rr)

@@ -74,7 +74,7 @@ def heldout_metrics(policy: PairLogps, reference: PairLogps, beta: float) -> Hel
     margins = implicit_margins(policy, reference)  # (N,)
     logps = (policy.chosen, policy.rejected, reference.chosen, reference.rejected)
     chosen_rewards, rejected_rewards = implicit_rewards(*logps, beta)  # (N,) each
-    losses = dpo_loss(*logps, beta)  # (N,)
+    losses = dpo_loss(margins, beta)  # (N,)
     mean = lambda values: values.double().mean().item()  # noqa: E731
     return HeldoutMetrics(
         n_pairs=margins.numel(),

@@ -30,3 +30,19 @@ def implicit_reward(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Ten
     """r(y) = β·(log π_θ(y|x) − log π_ref(y|x)) per response, same shape as the inputs (DPO
     paper eq. 5). The reward of chosen minus that of rejected is β·Δ."""
     return beta * (policy_logps - ref_logps)
+
+
+def implicit_rewards(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """Detached implicit rewards β·(policy − ref) for chosen and rejected, each (N,), for logging.
+
+    Their difference is the margin t = β·Δ; at step 0 (policy == reference) both are 0.
+    """
+    chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
+    rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
+    return chosen_rewards, rejected_rewards

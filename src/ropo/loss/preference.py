@@ -1,7 +1,8 @@
 """Preference losses: per-pair policy and reference log-probs in, one loss value per pair out.
 
-Stage: log-probs → reference cache → **loss** → filter. Averaging and the w-step weights are
-applied by the caller; nothing here reduces over pairs.
+Stage: log-probs → reference cache → **loss** → filter. Each loss is a function of the margin
+alone; `get_loss` binds one with its parameters into a callable on the four log-prob tensors.
+Averaging and the w-step weights are applied by the caller; nothing here reduces over pairs.
 
 Notation: N pairs; every log-prob tensor is (N,). Δ = (policy_chosen − ref_chosen) −
 (policy_rejected − ref_rejected) is the margin (margin.py), t = β·Δ, σ the logistic function.
@@ -21,116 +22,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ropo.config import LossSettings
-from ropo.loss.margin import implicit_reward, preference_margin
+from ropo.loss.margin import preference_margin
 
 
-def implicit_rewards(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor]:
-    """Detached implicit rewards β·(policy − ref) for chosen and rejected, each (N,), for logging.
-
-    Their difference is the margin t = β·Δ; at step 0 (policy == reference) both are 0.
-    """
-    chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
-    rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
-    return chosen_rewards, rejected_rewards
-
-
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-) -> Tensor:
-    """Per-pair DPO loss −log σ(β·Δ), shape (N,), from summed log-probs. DPO paper eq. 7.
+def dpo_loss(margin: Tensor, beta: float) -> Tensor:
+    """Per-pair DPO loss −log σ(β·Δ), shape (N,), Δ from summed log-probs. DPO paper eq. 7.
 
     Gradient weight −∂ℓ/∂t = σ(−t): largest for the pairs the policy contradicts most.
     """
-    t = beta * preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    return -F.logsigmoid(t)
+    return -F.logsigmoid(beta * margin)
 
 
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-) -> Tensor:
+def ipo_loss(margin: Tensor, beta: float) -> Tensor:
     """Per-pair IPO loss (Δ − 1/(2β))², shape (N,). Azar et al. 2023 eq. 17 (their τ is our β).
 
-    Takes MEAN (length-averaged) log-probs over response tokens, as TRL does: with summed log-probs
-    the fixed target 1/(2β) would mean something different for long and short responses.
+    Δ from MEAN (length-averaged) log-probs over response tokens, as TRL does: with summed
+    log-probs the fixed target 1/(2β) would mean something different for long and short responses.
     """
-    margin = preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
     return (margin - 1 / (2 * beta)) ** 2
 
 
 def cdpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    *,
-    label_smoothing: float = LossSettings.label_smoothing,
+    margin: Tensor, beta: float, *, label_smoothing: float = LossSettings.label_smoothing
 ) -> Tensor:
     """Per-pair conservative DPO (1−ε)·(−log σ(t)) + ε·(−log σ(−t)), shape (N,), summed log-probs.
 
     Mitchell 2023, "A note on DPO with noisy preferences": DPO on labels assumed flipped at rate ε.
     """
-    t = beta * preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    t = beta * margin
     return (1 - label_smoothing) * -F.logsigmoid(t) + label_smoothing * -F.logsigmoid(-t)
 
 
 def rdpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    *,
-    label_smoothing: float = LossSettings.label_smoothing,
+    margin: Tensor, beta: float, *, label_smoothing: float = LossSettings.label_smoothing
 ) -> Tensor:
     """Per-pair robust DPO [(1−ε)·(−log σ(t)) − ε·(−log σ(−t))] / (1 − 2ε), shape (N,).
 
     Summed log-probs. Chowdhury et al. 2024, "Provably robust DPO": an unbiased estimate of the
     clean DPO loss when labels flip at a known rate ε < 0.5.
     """
-    t = beta * preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    t = beta * margin
     eps = label_smoothing
     return ((1 - eps) * -F.logsigmoid(t) - eps * -F.logsigmoid(-t)) / (1 - 2 * eps)
 
 
-def noise_aware_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-) -> Tensor:
+def noise_aware_loss(margin: Tensor, beta: float) -> Tensor:
     """ROPO's noise-aware term ℓ_na = σ(−t), shape (N,), summed log-probs; not meant to train alone.
 
     Symmetric, ℓ_na(Δ) + ℓ_na(−Δ) = 1, so symmetric flips at rate η < 0.5 only rescale the risk:
     (1 − 2η)·R_clean + η. Its gradient σ(t)σ(−t) vanishes for confident pairs either way.
     """
-    t = beta * preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    return torch.sigmoid(-t)
+    return torch.sigmoid(-(beta * margin))
 
 
 def ropo_scale(alpha: float) -> float:
@@ -139,23 +81,13 @@ def ropo_scale(alpha: float) -> float:
     return 4 * alpha / (1 + alpha) ** 2
 
 
-def ropo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    *,
-    alpha: float = LossSettings.alpha,
-) -> Tensor:
+def ropo_loss(margin: Tensor, beta: float, *, alpha: float = LossSettings.alpha) -> Tensor:
     """Per-pair ROPO loss 4α/(1+α)² · (−log σ(t) + α·σ(−t)), shape (N,), summed log-probs.
 
     Liang et al. 2404.04102: DPO plus α times the noise-aware term ℓ_na = σ(−t), scaled by
     `ropo_scale`. α > 2 (config.py checks it and says why).
     """
-    t = beta * preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    t = beta * margin
     return ropo_scale(alpha) * (-F.logsigmoid(t) + alpha * torch.sigmoid(-t))
 
 
@@ -201,15 +133,10 @@ class PreferenceLoss:
         ref_rejected_logps: Tensor,
     ) -> Tensor:
         """Per-pair loss, shape (N,), not reduced."""
-        loss_fn = LOSSES[self.name]
-        return loss_fn(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            self.beta,
-            **self.params,
+        margin = preference_margin(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
+        return LOSSES[self.name](margin, self.beta, **self.params)
 
 
 def get_loss(name: str, beta: float = LossSettings.beta, **params: float) -> PreferenceLoss:
