@@ -136,19 +136,6 @@ def test_shared_prompt_gradients_equal_two_rows() -> None:
         assert torch.allclose(p.grad, want, atol=1e-5)
 
 
-def test_attn_mask_cannot_extend_a_cache() -> None:
-    from ropo.models.llama import KVCache
-
-    model = tiny_model()
-    cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="KVCache"):
-        model.hidden_states(
-            torch.ones(1, 2, dtype=torch.long),
-            kv_cache=cache,
-            attn_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool),
-        )
-
-
 def test_chunked_head_gives_same_values_and_gradients() -> None:
     model = tiny_model()
     batch = collate_pairs(PAIRS, pad_id=0)
