@@ -20,7 +20,8 @@ import torch
 
 from ropo.config import OptimSettings
 from ropo.data import TokenizedPair
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.loss import get_loss
 from ropo.models import ModelConfig, Transformer, generate
 from ropo.models.kernels import use_fast_kernels

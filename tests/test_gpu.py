@@ -18,7 +18,7 @@ from conftest import read_jsonl, write_synthetic_pairs
 from model_fixtures import our_model, random_ids, tiny_config
 from ropo.config_load import load_config
 from ropo.data import TokenizedPair
-from ropo.logps import collate_pairs, response_logps
+from ropo.logps_fused import collate_pairs, response_logps
 from ropo.models import Transformer, generate
 from ropo.models.kernels import FastRMSNorm, use_fast_kernels
 from ropo.models.llama import causal_mask

@@ -20,7 +20,8 @@ import torch
 from ropo.data import DataReport, TokenizedPair, load_pairs, tokenize_pairs
 from ropo.eval_config import EvalSettings
 from ropo.evaluate import HeldoutMetrics, heldout_metrics, per_pair_records
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.presets import resolve_inputs, resolve_model

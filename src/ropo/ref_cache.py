@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from ropo.data import TokenizedPair
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.models.config import read_model_config
 from ropo.models.files import check_safetensors, require_regular_file, save_safetensors
 from ropo.models.load import load_model
