@@ -2,9 +2,10 @@
 
 Beside the training flow, after it: the pairs are loaded and tokenised as `ropo train` does
 (data.py), the policy and then the reference score them with training's log-prob code
-(logps.score_pairs, summed response log-probs), and evaluate.py turns the two into preference
-accuracy with its 95% interval, margins, implicit rewards and the DPO loss. The results are
-printed, and written as JSON to out= (or standard output), with per_pair=true also by pair id.
+(logps_fused.score_pairs, summed response log-probs), and evaluate.py turns the two into
+preference accuracy with its 95% interval, margins, implicit rewards and the DPO loss. The
+results are printed, and written as JSON to out= (or standard output), with per_pair=true also
+by pair id.
 """
 
 from __future__ import annotations
