@@ -40,7 +40,7 @@ from parity import as_records
 from report import machine, print_table, targets
 from trl_side import build_trainer, trl_examples, trl_step
 
-from ropo.logps import score_pairs
+from ropo.logps_fused import score_pairs
 from ropo.loss import get_loss
 
 HERE = Path(__file__).resolve().parent

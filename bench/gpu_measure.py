@@ -20,9 +20,11 @@ import torch
 
 from ropo.config import OptimSettings
 from ropo.data import TokenizedPair
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.loss import get_loss
 from ropo.models import ModelConfig, Transformer, generate
+from ropo.models.kernels import use_fast_kernels
 from ropo.models.lora import apply_lora
 from ropo.ref_cache import RefLogps
 from ropo.step import StepSettings, make_optimizer, train_step
@@ -134,6 +136,7 @@ def build(shape: str, weights: torch.dtype, checkpointing: bool, lora_rank: int 
     with torch.device("cuda"):
         model = Transformer(model_config(shape), activation_checkpointing=checkpointing)
     torch.set_default_dtype(previous)
+    use_fast_kernels(model)  # as load_model does for every run
     if lora_rank:
         apply_lora(model, lora_rank, 16.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
         model.to("cuda")

@@ -16,7 +16,7 @@ from parity import LOGP_RTOL, LOSS_TOL, NORM_RTOL, Check, compare, weight_check
 from trl_side import trl_examples, trl_logps, trl_step
 
 from ropo.data import TokenizedPair
-from ropo.logps import collate_pairs, response_logps
+from ropo.logps_fused import collate_pairs, response_logps
 from ropo.loss import get_loss
 
 

@@ -10,7 +10,7 @@ import torch
 from model_fixtures import hf_model, our_model, save_hf, tiny_config
 from ropo.models import Transformer
 from ropo.models.load import load_model
-from ropo.models.sample import generate
+from ropo.models.sample import KVCache, cached_last_logits, generate
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 70, 8, 31, 12, 6], [100, 4, 55, 23, 7, 90]]
 MODELS = {
@@ -120,3 +120,20 @@ def test_vocab_limit_never_samples_padded_embedding_rows() -> None:
 def tiny_llama_for_limit() -> Transformer:
     config = tiny_config(vocab_size=64, n_layers=1, n_kv_heads=4, max_position_embeddings=64)
     return Transformer(config)
+
+
+def test_cache_is_written_in_place_and_refuses_to_overflow() -> None:
+    # Preallocated at full length (as gpt-fast's cache): steps write into the same buffers.
+    model = our_model("llama", num_key_value_heads=2)
+    cache = KVCache(model.config, 1, 4, torch.float32, "cpu")
+    buffers = [t.data_ptr() for t in cache.k + cache.v]
+    one = torch.ones(1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        prompt = torch.tensor([[5, 6, 7]])
+        cached_last_logits(model, prompt, torch.arange(3)[None], one.expand(1, 3), cache)
+        last = cached_last_logits(model, torch.tensor([[8]]), torch.tensor([[3]]), one, cache)
+        recomputed = model(torch.tensor([[5, 6, 7, 8]]))[0, -1]
+    assert cache.length == 4 and [t.data_ptr() for t in cache.k + cache.v] == buffers
+    assert torch.allclose(last[0], recomputed, atol=1e-5)
+    with pytest.raises(ValueError, match="4 slots, 5 are needed"):
+        cached_last_logits(model, torch.tensor([[9]]), torch.tensor([[4]]), one, cache)

@@ -1,11 +1,12 @@
 """CUDA checks, run on a GPU machine (`pytest -m gpu`); skipped where there is no CUDA device.
 
 The CPU tests pin the math; these check that the same code keeps it on CUDA: the hand-written
-backward passes under bf16 autocast, log-probs and gradients against the CPU in fp32, greedy
-sampling against the CPU, torchrun's NCCL + FSDP2 path (one process), and a rejection-sampling
-run in bf16 autocast.
+backward passes under bf16 autocast, log-probs and gradients against the CPU in fp32, the CUDA
+branches of models/kernels.py against llama.py, greedy sampling against the CPU, torchrun's
+NCCL + FSDP2 path (one process), and a rejection-sampling run in bf16 autocast.
 """
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,13 @@ import pytest
 import torch
 
 from conftest import read_jsonl, write_synthetic_pairs
-from model_fixtures import tiny_config
+from model_fixtures import our_model, random_ids, tiny_config
 from ropo.config_load import load_config
 from ropo.data import TokenizedPair
-from ropo.logps import collate_pairs, response_logps
+from ropo.logps_fused import collate_pairs, response_logps
 from ropo.models import Transformer, generate
-from ropo.models.llama import RMSNorm
+from ropo.models.kernels import FastRMSNorm, use_fast_kernels
+from ropo.models.llama import causal_mask
 from ropo.train import train
 
 pytestmark = [
@@ -54,7 +56,7 @@ def logps_and_grads(model: Transformer, device: str, autocast: bool) -> tuple[to
 
 def test_logps_and_gradients_on_cuda_match_cpu_in_fp32() -> None:
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
+    model = use_fast_kernels(Transformer(tiny_config()))  # as load_model gives it to training
     cpu_margins, cpu_grads = logps_and_grads(model, "cpu", autocast=False)
     cuda_margins, cuda_grads = logps_and_grads(model, "cuda", autocast=False)
     assert torch.allclose(cuda_margins, cpu_margins, rtol=0, atol=1e-4)
@@ -64,7 +66,7 @@ def test_logps_and_gradients_on_cuda_match_cpu_in_fp32() -> None:
 
 def test_bf16_autocast_stays_close_to_fp32() -> None:
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
+    model = use_fast_kernels(Transformer(tiny_config()))
     exact_margins, exact_grads = logps_and_grads(model, "cuda", autocast=False)
     bf16_margins, bf16_grads = logps_and_grads(model, "cuda", autocast=True)
     assert (bf16_margins - exact_margins).abs().max() <= 0.1
@@ -76,7 +78,7 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
 def test_rms_norm_on_cuda_matches_the_cpu_function() -> None:
     # CUDA takes F.rms_norm's fused kernels, CPU the hand-written backward: same values.
     torch.manual_seed(0)
-    norm = RMSNorm(64, 1e-5)
+    norm = FastRMSNorm(64, 1e-5)
     torch.nn.init.normal_(norm.weight, 1.0, 0.1)
     x = 3 * torch.randn(4, 5, 64)
     grad_out = torch.randn(4, 5, 64)
@@ -91,9 +93,28 @@ def test_rms_norm_on_cuda_matches_the_cpu_function() -> None:
         assert torch.allclose(on_cuda, on_cpu, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fast_kernels_on_cuda_equal_the_textbook_model(dtype: torch.dtype, tol: float) -> None:
+    # F.rms_norm, the rolled RoPE and KvCopyAttention's k/v copy (GQA under a padding mask).
+    textbook = our_model("mistral", num_attention_heads=8, num_key_value_heads=2, sliding_window=5)
+    textbook = textbook.to("cuda", dtype).train()
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    ids = random_ids(2, 14).cuda()
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, 9:] = False
+    mask = causal_mask(real, textbook.config.sliding_window)
+    results = []
+    for model in (fast, textbook):
+        logits = model(ids, attn_mask=mask).float()
+        logits[real].log_softmax(-1)[:, 7].sum().backward()
+        results.append([logits[real].detach(), *(p.grad for p in model.parameters())])
+    for ours, reference in zip(results[0], results[1], strict=True):
+        assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
+
+
 def test_greedy_sampling_on_cuda_equals_cpu() -> None:
     torch.manual_seed(0)
-    model = Transformer(tiny_config()).eval()
+    model = use_fast_kernels(Transformer(tiny_config())).eval()
     prompts = [[1, 5, 9, 11], [1, 7], [1, 3, 4, 20, 21, 22]]
     on_cpu = generate(model, prompts, max_new_tokens=12, temperature=0, eos_id=2)
     on_cuda = generate(model.to("cuda"), prompts, max_new_tokens=12, temperature=0, eos_id=2)

@@ -20,7 +20,7 @@ from ropo.config_load import load_config
 from ropo.data import PreferencePair, load_pairs, tokenize_pairs
 from ropo.evaluate import heldout_metrics
 from ropo.heldout import split_heldout
-from ropo.logps import score_pairs
+from ropo.logps_fused import score_pairs
 from ropo.models import load_model, load_tokenizer
 from ropo.train import train
 

@@ -1,11 +1,21 @@
-"""Hand-written pieces against the formulas they replace, values and gradients: RMSNorm's
-closed-form backward, the roll form of RoPE, and the in-place backward of the target log-probs."""
+"""models/kernels.py's variants against the textbook modules of models/llama.py (and the formulas
+transformers writes), values and gradients: RMSNorm's closed-form backward, the roll form of
+RoPE, the k/v copy for grouped-query attention, and whole models with every variant swapped in."""
+
+import copy
 
 import pytest
 import torch
 
-from ropo.logps import TargetLogProbs
-from ropo.models.llama import RMSNormFunction, apply_rope, rope_cos_sin
+from model_fixtures import our_model, random_ids
+from ropo.models.kernels import (
+    FastRMSNorm,
+    KvCopyAttention,
+    RMSNormFunction,
+    RolledRotaryEmbedding,
+    use_fast_kernels,
+)
+from ropo.models.llama import Attention, RMSNorm, RotaryEmbedding, causal_mask
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,6 +33,14 @@ def hf_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
     angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, D)
     x1, x2 = x.chunk(2, dim=-1)
     return x * angles.cos().to(x.dtype) + torch.cat((-x2, x1), dim=-1) * angles.sin().to(x.dtype)
+
+
+def values_and_grads(fn, *inputs: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> with respect to each input."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach(), *(leaf.grad for leaf in leaves)]
 
 
 def test_rms_norm_backward_passes_gradcheck() -> None:
@@ -60,41 +78,92 @@ def test_rms_norm_matches_autograd_through_hf_formula(x_dtype, weight_dtype, tol
         assert (ours.float() - reference.float()).abs().max() <= tol * scale
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fast_rms_norm_equals_the_textbook_module(dtype, tol) -> None:
+    torch.manual_seed(0)
+    x = (3 * torch.randn(4, 5, 64)).to(dtype)
+    grad_out = torch.randn(4, 5, 64)
+    textbook = RMSNorm(64, 1e-5).to(dtype)
+    torch.nn.init.normal_(textbook.weight, 1.0, 0.1)
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    assert type(fast) is FastRMSNorm
+    results = []
+    for norm in (fast, textbook):
+        leaf = x.clone().requires_grad_()
+        out = norm(leaf)
+        out.backward(grad_out.to(out.dtype))
+        results.append((out, leaf.grad, norm.weight.grad))
+    # the forward is the same sequence of operations, so it is equal to the bit
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[1][0], hf_rms_norm(x, textbook.weight, 1e-5))
+    for ours, reference in zip(results[0], results[1], strict=True):
+        assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_rope_roll_form_equals_rotate_half(dtype, tol) -> None:
     torch.manual_seed(0)
     positions = torch.tensor([[0, 1, 2, 7, 50], [3, 4, 5, 6, 1000]])
     x = torch.randn(2, 5, 3, 16).to(dtype)
     grad_out = torch.randn(2, 5, 3, 16).to(dtype)
-    cos, signed_sin = rope_cos_sin(positions, 16, 10000.0, dtype)
+    rolled = RolledRotaryEmbedding(16, 10000.0)(positions, dtype)
+    textbook = RotaryEmbedding(16, 10000.0)(positions, dtype)
+    results = [
+        values_and_grads(rope, x, grad_out=grad_out)
+        for rope in (rolled.rotate, textbook.rotate, lambda x: hf_rope(x, positions, 1e4))
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2], strict=True))
+    for ours, reference in zip(results[0], results[2], strict=True):
+        assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
+
+
+def test_kv_copy_equals_enable_gqa_under_a_mask() -> None:
+    # KvCopyAttention copies k and v to H heads (on CUDA only); the copy reads as enable_gqa does.
+    config = our_model("llama", num_attention_heads=8, num_key_value_heads=2).config
+    attention = Attention(config)
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 6, config.head_dim)
+    k, v = torch.randn(2, 2, 6, config.head_dim), torch.randn(2, 2, 6, config.head_dim)
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[1, 4:] = False
+    mask = causal_mask(real, sliding_window=None)
+    with torch.no_grad():
+        grouped = attention.attend(q, k, v, mask)
+        copied = attention.attend(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), mask)
+    assert torch.allclose(grouped, copied, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [
+        ("llama", {"num_attention_heads": 8, "num_key_value_heads": 2}),
+        ("mistral", {"num_key_value_heads": 2, "sliding_window": 5}),
+    ],
+)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fast_model_equals_the_textbook_model(kind, overrides, dtype, tol) -> None:
+    textbook = our_model(kind, **overrides).to(dtype).train()
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    ids = random_ids(2, 14)
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, 9:] = False  # right padding
+    mask = causal_mask(real, textbook.config.sliding_window)
     results = []
-    for rope in (lambda x: apply_rope(x, cos, signed_sin), lambda x: hf_rope(x, positions, 1e4)):
-        leaf = x.clone().requires_grad_()
-        out = rope(leaf)
-        out.backward(grad_out)
-        results.append((out, leaf.grad))
+    for model in (fast, textbook):
+        logits = model(ids, attn_mask=mask).float()
+        (logits[real].log_softmax(-1)[:, 7]).sum().backward()
+        results.append([logits[real].detach(), *(p.grad for p in model.parameters())])
     for ours, reference in zip(results[0], results[1], strict=True):
         assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
 
 
-def test_target_logprobs_match_autograd_of_log_softmax_and_gather() -> None:
-    torch.manual_seed(0)
-    logits = 4 * torch.randn(6, 11, dtype=torch.float64)
-    targets = torch.tensor([0, 3, 3, 10, 5, 0])
-    grad = torch.randn(6, dtype=torch.float64)
-    ours_leaf, reference_leaf = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours = TargetLogProbs.apply(ours_leaf, targets)
-    reference = reference_leaf.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    ours.backward(grad)
-    reference.backward(grad)
-    assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
-    assert torch.allclose(ours_leaf.grad, reference_leaf.grad, rtol=0, atol=1e-12)
-
-
-def test_target_logprobs_refuse_a_second_backward() -> None:
-    # The backward reuses its saved log-probs in place; a retained graph must fail loudly.
-    logits = torch.randn(3, 5, requires_grad=True)
-    out = TargetLogProbs.apply(logits, torch.tensor([1, 2, 3])).sum()
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.backward()
+def test_swap_keeps_parameters_and_names() -> None:
+    model = our_model("llama", num_key_value_heads=2)
+    before = list(model.named_parameters())
+    use_fast_kernels(model)
+    after = list(model.named_parameters())
+    assert [name for name, _ in after] == [name for name, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before, strict=True))  # same objects
+    kinds = {type(m) for m in model.modules()}
+    assert {FastRMSNorm, KvCopyAttention, RolledRotaryEmbedding} <= kinds
+    assert not kinds & {RMSNorm, Attention, RotaryEmbedding}

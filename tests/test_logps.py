@@ -1,5 +1,7 @@
-"""Response log-probs: shift and mask on the label side, sums in fp32, chunked head = full head,
-and a shared-prompt row per pair = two rows of their own."""
+"""Response log-probs: logps.pair_logps (the textbook: shift, mask, gather, sum) against an
+unbatched computation, and logps_fused.py against pair_logps, values and gradients: a
+shared-prompt row per pair = two rows of their own, chunked head = full head, and the hand-written
+backward of the target log-probs = autograd's."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import torch
 
 from model_fixtures import tiny_config
 from ropo.data import TokenizedPair
-from ropo.logps import (
+from ropo.logps import collate_sequences, pair_logps
+from ropo.logps_fused import (
+    TargetLogProbs,
     collate_pairs,
-    collate_sequences,
     response_logps,
     score_pairs,
     sequence_logps,
@@ -40,6 +43,54 @@ def naive_logp(model: Transformer, prompt: tuple[int, ...], response: tuple[int,
     ids = torch.tensor([list(prompt + response)])
     logps = model(ids)[0].float().log_softmax(-1)
     return sum(logps[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
+
+
+def test_textbook_pair_logps_equal_unbatched_computation() -> None:
+    model = tiny_model(sliding_window=3).eval()
+    with torch.no_grad():
+        logps = pair_logps(model, PAIRS, pad_id=0)
+    for i, pair in enumerate(PAIRS):
+        want = naive_logp(model, pair.prompt_ids, pair.chosen_ids)
+        assert abs(logps.chosen[i].item() - want) < 1e-4
+        want = naive_logp(model, pair.prompt_ids, pair.rejected_ids)
+        assert abs(logps.rejected[i].item() - want) < 1e-4
+    assert logps.chosen_tokens.tolist() == [3.0, 5.0]
+    assert logps.rejected_tokens.tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_fused_response_logps_equal_the_textbook(sliding_window: int | None) -> None:
+    # The one-row layout, the chunked head (chunks of 3 are recomputed in backward) and the
+    # hand-written backward together give pair_logps's values and gradients.
+    results = []
+    for fused in (True, False):
+        model = tiny_model(sliding_window=sliding_window)
+        if fused:
+            logps = response_logps(model, collate_pairs(PAIRS, pad_id=0), chunk_tokens=3)
+        else:
+            logps = pair_logps(model, PAIRS, pad_id=0)
+        (logps.chosen.sum() - 2 * logps.rejected.sum()).backward()
+        sums = torch.cat([logps.chosen, logps.rejected, logps.chosen_tokens, logps.rejected_tokens])
+        results.append([sums.detach(), *(p.grad for p in model.parameters())])
+    for fused, textbook in zip(*results, strict=True):
+        assert torch.allclose(fused, textbook, atol=1e-5)
+
+
+def test_fused_sequence_logps_equal_the_textbook() -> None:
+    model = tiny_model()
+    prompts = [p.prompt_ids for p in PAIRS] * 2
+    responses = [p.chosen_ids for p in PAIRS] + [p.rejected_ids for p in PAIRS]
+    rows = collate_sequences(prompts, responses, pad_id=0)
+    sums, counts = sequence_logps(model, *rows, chunk_tokens=2)  # chunks recomputed in backward
+    sums.sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    textbook = pair_logps(model, PAIRS, pad_id=0)
+    (textbook.chosen.sum() + textbook.rejected.sum()).backward()
+    assert torch.allclose(sums, torch.cat([textbook.chosen, textbook.rejected]), atol=1e-5)
+    assert counts.tolist() == [3.0, 5.0, 2.0, 3.0]
+    for fused, p in zip(fused_grads, model.parameters(), strict=True):
+        assert torch.allclose(fused, p.grad, atol=1e-5)
 
 
 def test_sequence_layout_marks_response_tokens_on_the_label_side() -> None:
@@ -136,19 +187,6 @@ def test_shared_prompt_gradients_equal_two_rows() -> None:
         assert torch.allclose(p.grad, want, atol=1e-5)
 
 
-def test_attn_mask_cannot_extend_a_cache() -> None:
-    from ropo.models.llama import KVCache
-
-    model = tiny_model()
-    cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="KVCache"):
-        model.hidden_states(
-            torch.ones(1, 2, dtype=torch.long),
-            kv_cache=cache,
-            attn_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool),
-        )
-
-
 def test_chunked_head_gives_same_values_and_gradients() -> None:
     model = tiny_model()
     batch = collate_pairs(PAIRS, pad_id=0)
@@ -184,3 +222,26 @@ def test_score_pairs_keeps_input_order_and_restores_train_mode() -> None:
         direct = response_logps(model.eval(), collate_pairs(pairs, pad_id=0))
     assert torch.allclose(scored.chosen, direct.chosen, atol=1e-5)
     assert torch.allclose(scored.rejected, direct.rejected, atol=1e-5)
+
+
+def test_target_logprobs_match_autograd_of_log_softmax_and_gather() -> None:
+    torch.manual_seed(0)
+    logits = 4 * torch.randn(6, 11, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 3, 10, 5, 0])
+    grad = torch.randn(6, dtype=torch.float64)
+    ours_leaf, reference_leaf = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = TargetLogProbs.apply(ours_leaf, targets)
+    reference = reference_leaf.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    ours.backward(grad)
+    reference.backward(grad)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
+    assert torch.allclose(ours_leaf.grad, reference_leaf.grad, rtol=0, atol=1e-12)
+
+
+def test_target_logprobs_refuse_a_second_backward() -> None:
+    # The backward reuses its saved log-probs in place; a retained graph must fail loudly.
+    logits = torch.randn(3, 5, requires_grad=True)
+    out = TargetLogProbs.apply(logits, torch.tensor([1, 2, 3])).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

@@ -22,7 +22,7 @@ from model_fixtures import (
     save_hf,
 )
 from ropo.models.config import ModelConfig
-from ropo.models.llama import Attention, Transformer, apply_rope, rope_cos_sin
+from ropo.models.llama import Attention, RotaryEmbedding, Transformer, causal_mask
 from ropo.models.load import load_model, save_model
 
 TOL = 1e-4
@@ -63,7 +63,7 @@ def test_right_padding_keeps_real_token_logits(case: str, tmp_path) -> None:
     mask[1, 13:] = 0  # row 1 has 13 real tokens, then right padding
     real = mask.bool()
     with torch.no_grad():
-        padded = ours(ids, attention_mask=mask)
+        padded = ours(ids, attn_mask=causal_mask(real, ours.config.sliding_window))
         assert max_diff(padded[real], hf_logits(hf, ids, attention_mask=mask)[real]) <= TOL
         assert max_diff(padded[1, :13], ours(ids[1:, :13])[0]) <= TOL
 
@@ -77,7 +77,8 @@ def test_left_padding_with_positions_matches_unpadded(case: str) -> None:
     mask = torch.cat([torch.zeros(1, 6), torch.ones(1, 12)], dim=1).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        left = ours(padded, attention_mask=mask, positions=positions)[:, 6:]
+        attn_mask = causal_mask(mask.bool(), ours.config.sliding_window)
+        left = ours(padded, positions=positions, attn_mask=attn_mask)[:, 6:]
         assert max_diff(left, ours(ids)) <= TOL
 
 
@@ -85,29 +86,30 @@ def test_is_causal_fast_path_equals_explicit_mask() -> None:
     ours = our_model("mistral", num_attention_heads=8, num_key_value_heads=2, sliding_window=32)
     ids = random_ids(2, 16)
     with torch.no_grad():
-        assert max_diff(ours(ids), ours(ids, attention_mask=torch.ones_like(ids))) <= 1e-5
+        explicit = causal_mask(torch.ones_like(ids, dtype=torch.bool), ours.config.sliding_window)
+        assert max_diff(ours(ids), ours(ids, attn_mask=explicit)) <= 1e-5
 
 
 def test_gqa_query_head_reads_kv_head_h_div_n_rep() -> None:
     # Pitfall 3: with .repeat tiling, query head h would read kv head h % K instead of h // n_rep.
     config = our_model("llama", num_attention_heads=8, num_key_value_heads=2).config
-    attention = Attention(config, layer_idx=0)
+    attention = Attention(config)
     torch.manual_seed(0)
     x = torch.randn(1, 6, config.dim)
-    cos, sin = rope_cos_sin(torch.arange(6)[None], config.head_dim, config.rope_theta, x.dtype)
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(6)[None], x.dtype)
     with torch.no_grad():
-        got = attention(x, (cos, sin), None, None)
-        expected = naive_attention(attention, x, cos, sin, kv_head=lambda h: h // 4)
-        tiled = naive_attention(attention, x, cos, sin, kv_head=lambda h: h % 2)
+        got = attention(x, rope, None)
+        expected = naive_attention(attention, x, rope, kv_head=lambda h: h // 4)
+        tiled = naive_attention(attention, x, rope, kv_head=lambda h: h % 2)
     assert max_diff(got, expected) <= 1e-5
     assert max_diff(got, tiled) > 1e-2  # the kv heads differ, so the mapping matters
 
 
-def naive_attention(attn: Attention, x: torch.Tensor, cos, sin, kv_head) -> torch.Tensor:
+def naive_attention(attn: Attention, x: torch.Tensor, rope, kv_head) -> torch.Tensor:
     """One query head at a time, written out, with an explicit head -> kv head mapping."""
     T, D = x.shape[1], attn.head_dim
-    q = apply_rope(attn.wq(x).view(1, T, -1, D), cos, sin)[0]  # (T, H, D)
-    k = apply_rope(attn.wk(x).view(1, T, -1, D), cos, sin)[0]  # (T, K, D)
+    q = rope.rotate(attn.wq(x).view(1, T, -1, D))[0]  # (T, H, D)
+    k = rope.rotate(attn.wk(x).view(1, T, -1, D))[0]  # (T, K, D)
     v = attn.wv(x).view(T, -1, D)  # (T, K, D)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     heads = []
@@ -157,7 +159,8 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     for flag in (False, True):
         model = our_model("mistral", num_key_value_heads=2, sliding_window=5).train()
         model.activation_checkpointing = flag
-        logits = model(ids, attention_mask=torch.ones_like(ids))
+        real = torch.ones_like(ids, dtype=torch.bool)
+        logits = model(ids, attn_mask=causal_mask(real, model.config.sliding_window))
         F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
@@ -175,7 +178,7 @@ def test_bf16_error_is_no_worse_than_transformers_bf16(tmp_path) -> None:
     with torch.no_grad():
         reference = hf_logits(hf, ids, attention_mask=mask)[real]
         hf_bf16 = hf_logits(hf.to(torch.bfloat16), ids, attention_mask=mask)[real]
-        logits = ours(ids, attention_mask=mask)
+        logits = ours(ids, attn_mask=causal_mask(real, ours.config.sliding_window))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert max_diff(logits[real], reference) <= 2 * max_diff(hf_bf16, reference)
 
@@ -190,3 +193,30 @@ def test_config_round_trips_through_hf_dict() -> None:
     for kind, overrides in CASES.values():
         config = our_model(kind, **overrides).config
         assert ModelConfig.from_hf(config.to_hf()) == config
+
+
+def test_forward_keeps_nothing_between_calls() -> None:
+    # forward(tokens) returns logits and stores nothing on any module (sample.py owns the cache).
+    model = our_model("mistral", num_key_value_heads=2, sliding_window=5)
+
+    def attributes() -> dict[tuple[str, str], object]:
+        return {
+            (name, key): dict(value) if isinstance(value, dict) else value
+            for name, module in model.named_modules()
+            for key, value in vars(module).items()
+        }
+
+    before = attributes()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        first = model(ids)
+        second = model(ids)
+    after = attributes()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, dict):
+            assert value.keys() == after[key].keys(), key
+            assert all(value[k] is after[key][k] for k in value), key
+        else:
+            assert after[key] is value, key
+    assert torch.equal(first, second)

@@ -23,7 +23,7 @@ from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.data import TokenizedPair, load_pairs, tokenize_pairs
 from ropo.eval_config import load_eval_settings
-from ropo.logps import score_pairs
+from ropo.logps_fused import score_pairs
 from ropo.models import Transformer, load_model, load_tokenizer, save_model
 from ropo.models.config import read_model_config
 from ropo.models.tokenizer import train_tokenizer

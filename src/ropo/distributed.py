@@ -33,7 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from ropo.config import RunConfig
 from ropo.data import TokenizedPair
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.models import Transformer, load_model
 from ropo.ref_cache import RefLogps, cache_location, read_cache, reference_logps, write_cache
 from ropo.resources import pick_device

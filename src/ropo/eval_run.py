@@ -2,9 +2,10 @@
 
 Beside the training flow, after it: the pairs are loaded and tokenised as `ropo train` does
 (data.py), the policy and then the reference score them with training's log-prob code
-(logps.score_pairs, summed response log-probs), and evaluate.py turns the two into preference
-accuracy with its 95% interval, margins, implicit rewards and the DPO loss. The results are
-printed, and written as JSON to out= (or standard output), with per_pair=true also by pair id.
+(logps_fused.score_pairs, summed response log-probs), and evaluate.py turns the two into
+preference accuracy with its 95% interval, margins, implicit rewards and the DPO loss. The
+results are printed, and written as JSON to out= (or standard output), with per_pair=true also
+by pair id.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from ropo.data import DataReport, TokenizedPair, load_pairs, tokenize_pairs
 from ropo.eval_config import EvalSettings
 from ropo.evaluate import HeldoutMetrics, heldout_metrics, per_pair_records
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.presets import resolve_inputs, resolve_model

@@ -24,14 +24,15 @@ import torch
 from safetensors.torch import load_file
 
 from ropo.data import TokenizedPair
-from ropo.logps import PairLogps, score_pairs
+from ropo.logps import PairLogps
+from ropo.logps_fused import score_pairs
 from ropo.models.config import read_model_config
 from ropo.models.files import check_safetensors, require_regular_file, save_safetensors
 from ropo.models.load import load_model
 
 # Bump when the way log-probs are computed changes, so old caches stop matching. v2: one
-# [prompt | chosen | rejected] row per pair (logps.collate_pairs) instead of two rows; the sums
-# agree only up to float rounding, so v1 caches (the two-row layout) are not reused.
+# [prompt | chosen | rejected] row per pair (logps_fused.collate_pairs) instead of two rows; the
+# sums agree only up to float rounding, so v1 caches (the two-row layout) are not reused.
 LOGP_CONVENTION = "shared-prompt-row-summed-response-logps-fp32-v2"
 
 

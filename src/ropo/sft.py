@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ropo import audit, interrupt, run_dir
 from ropo.data import DataReport
 from ropo.interrupt import Interrupted
-from ropo.logps import collate_sequences, sequence_logps
+from ropo.logps import collate_sequences
+from ropo.logps_fused import sequence_logps
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.llama import Transformer

@@ -19,7 +19,8 @@ from ropo.data import TokenizedPair
 from ropo.distributed import rank_share, sum_over_ranks
 from ropo.faults import maybe_crash
 from ropo.filter.weights import keep_count
-from ropo.logps import PairLogps, collate_pairs, response_logps
+from ropo.logps import PairLogps
+from ropo.logps_fused import collate_pairs, response_logps
 from ropo.loss import PreferenceLoss, preference_margin
 from ropo.models.llama import Transformer
 from ropo.ref_cache import RefLogps

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ropo.data import TokenizedPair
 from ropo.faults import maybe_crash
-from ropo.logps import PairLogps, collate_sequences, sequence_logps
+from ropo.logps import PairLogps, collate_sequences
+from ropo.logps_fused import sequence_logps
 from ropo.loss import implicit_reward
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate

@@ -1,13 +1,16 @@
-"""The Llama/Mistral decoder: token ids -> hidden states -> logits for every position.
+"""The Llama/Mistral decoder: token ids (B, T) -> logits (B, T, V) for every position.
 
-Built from a ModelConfig (models/config.py; load.py fills the weights); log-prob code calls it on
-right-padded batches, and sample.py drives it with a KVCache. Mistral = Llama + sliding window.
+Built from a ModelConfig (models/config.py); load.py fills in the weights and swaps in the faster
+variants of models/kernels.py, which compute the same numbers. The log-prob code calls the model
+on right-padded batches; sample.py runs the same modules with a KV cache of its own.
+Mistral = Llama + a sliding window in the attention mask.
 
-Notation: B batch, T new tokens, S key slots (cached + new), H query heads, K kv heads,
-D head_dim, C model width, V vocab.
+Notation: B batch, T tokens (queries), S keys, H query heads, K kv heads, D head_dim,
+C model width, V vocab.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,138 +20,79 @@ from torch.utils.checkpoint import checkpoint
 from ropo.models.config import ModelConfig
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated and filled left to right by forward calls.
-
-    key_mask (B, S_max) remembers which slots hold real tokens; `length` is how many slots the
-    earlier calls filled. The caller creates it and passes it to Transformer.forward.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: str | torch.device,
-    ) -> None:
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-
-    def append_keys(self, new_keys: Tensor) -> Tensor:
-        """Record which of this call's T tokens are real; return the mask of all keys (B, S)."""
-        end = self.length + new_keys.shape[1]
-        if end > self.key_mask.shape[1]:
-            raise ValueError(f"KVCache has {self.key_mask.shape[1]} slots, {end} are needed")
-        self.key_mask[:, self.length : end] = new_keys
-        return self.key_mask[:, :end]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this call's k, v (B, K, T, D) after the cached slots; return all (B, K, S, D)."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim. The statistics run in fp32 and the
+    result is cast back to x's dtype before the weight multiplies it (Hugging Face's order)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda:
-            # CUDA has fused rms_norm kernels, forward and backward: 142 instead of 151 ms per
-            # 1B-shape step on an H100. On CPU the backward is not fused; see RMSNormFunction.
-            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-            return self.weight * normed.to(x.dtype)
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """weight * n with n = x * rstd, rstd = rsqrt(mean(x^2) + eps), and a closed-form backward.
+@dataclass
+class Rope:
+    """The RoPE angles of one batch's positions, shared by every layer: cos, sin (B, T, 1, D)."""
 
-    HF order: n in fp32, cast back to x's dtype, and only then scaled. Backward, with g the
-    gradient of the output and dn = g * weight (one row, C wide):
-        dx = rstd * (dn - n * mean(dn * n)),    dweight = sum over rows of g * n.
-    Autograd through F.rms_norm runs about ten elementwise kernels in backward on CPU; this runs
-    five (1.1 -> 0.3 ms at (8, 192, 256) on 2 cores, nine norms per step). Used on CPU only.
+    cos: Tensor
+    sin: Tensor
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """x (B, T, heads, D), each head turned by its position: dim j pairs with dim j + D/2."""
+        x1, x2 = x.chunk(2, dim=-1)  # (B, T, heads, D/2) each
+        return x * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin  # rotate-half
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the half-split layout of Hugging Face checkpoints: dims j and j + D/2 of a head
+    turn together by the angle position * theta^(-2j/D). No parameters."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def angles(self, positions: Tensor) -> Tensor:
+        """position * theta^(-2j/D) in fp32, (B, T, D/2), for integer positions (B, T)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim
+        inv_freq = (1.0 / self.theta**exponents).to(positions.device)  # (D/2,), on CPU as in HF
+        return positions[..., None].float() * inv_freq  # (B, T, D/2)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> Rope:
+        """cos and sin of the angles at integer positions (B, T), cast to dtype."""
+        half = self.angles(positions)  # (B, T, D/2)
+        angles = torch.cat((half, half), dim=-1)[:, :, None]  # (B, T, 1, D)
+        return Rope(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def causal_mask(real_keys: Tensor, sliding_window: int | None, q_start: int = 0) -> Tensor:
+    """attn_mask (B, 1, T, S) bool, True where a query may read a key, for keys (B, S) of which
+    the last T = S - q_start are this call's queries. real_keys is False at padding.
+
+    Allowed = causal & real key & (query - key < sliding_window). Slots count the sequence as laid
+    out, left padding included, so the band equals transformers' Mistral mask for real tokens.
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays, for gradcheck)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor | None, None]:
-        x, weight, rstd = ctx.saved_tensors
-        normed = x.to(rstd.dtype) * rstd  # recomputed: one pass, and exact where x is bf16
-        grad_weight = None
-        if ctx.needs_input_grad[1]:  # frozen under LoRA
-            grad_weight = (grad_out * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_normed = (grad_out * weight).to(rstd.dtype)
-        mean_term = (grad_normed * normed).mean(-1, keepdim=True)  # (..., 1)
-        grad_x = rstd * (grad_normed - normed * mean_term)
-        return grad_x.to(x.dtype), grad_weight, None
-
-
-def rope_cos_sin(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """cos and signed sin (B, T, 1, D) for integer positions (B, T), in fp32 then cast to dtype.
-
-    The sin's first half is negated, so that apply_rope needs a roll instead of rotate-half.
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
-    inv_freq = (1.0 / theta**exponents).to(positions.device)  # (D/2,), made on CPU as in HF
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    half_cos, half_sin = freqs.cos(), freqs.sin()
-    cos = torch.cat((half_cos, half_cos), dim=-1)  # (B, T, D): half-split layout of HF
-    signed_sin = torch.cat((-half_sin, half_sin), dim=-1)  # (B, T, D)
-    return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)  # (B, T, 1, D) each
-
-
-def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """Rotate x (B, T, heads, D) pairing dim j with j + D/2 (rotate-half, as HF checkpoints).
-
-    HF writes x * cos + cat(-x2, x1) * sin; with the sign folded into the sin that is
-    x * cos + cat(x2, x1) * signed_sin, and cat(x2, x1) is a roll by D/2. Three kernels forward
-    and four backward instead of five and seven (half the time at (8, 192, 8, 32) on CPU).
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
-
-
-def build_attention_mask(
-    key_mask: Tensor, q_start: int, T: int, sliding_window: int | None
-) -> Tensor:
-    """Boolean (B, 1, T, S) from key_mask (B, S): True where a query may read a key.
-
-    Allowed = causal & real key & (q - k < sliding_window). Slots index the sequence as laid out,
-    left padding included, so the band equals transformers' Mistral mask for every real token.
-    """
-    S = key_mask.shape[1]
-    q_slot = torch.arange(q_start, q_start + T, device=key_mask.device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    S = real_keys.shape[1]
+    q_slot = torch.arange(q_start, S, device=real_keys.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=real_keys.device)[None, :]  # (1, S)
     allowed = k_slot <= q_slot  # (T, S)
     if sliding_window is not None:
         allowed = allowed & (q_slot - k_slot < sliding_window)
-    allowed = allowed[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
+    allowed = allowed[None, None] & real_keys[:, None, None, :]  # (B, 1, T, S)
     # A padding query with every key masked would give NaN, which later layers would spread
     # through zero-weighted values into real rows; letting it see itself keeps it finite.
     return allowed | (k_slot == q_slot)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    """Grouped-query attention: H query heads share K kv heads, H/K each (K = H is plain MHA)."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.layer_idx = layer_idx  # which KVCache slot this layer writes
         C, H, K, D = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.wq = nn.Linear(C, H * D, bias=False)
@@ -156,40 +100,37 @@ class Attention(nn.Module):
         self.wv = nn.Linear(C, K * D, bias=False)
         self.wo = nn.Linear(H * D, C, bias=False)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv_cache: KVCache | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, attn_mask: Tensor | None) -> Tensor:
+        q, k, v = self.project(x, rope)
+        return self.attend(q, k, v, attn_mask)  # (B, T, C)
+
+    def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D) and k, v (B, K, T, D) for x (B, T, C); q and k rotated by RoPE."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D)
         k = self.wk(x).view(B, T, K, D)
         v = self.wv(x).view(B, T, K, D)
-        q = apply_rope(q, *rope).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k, *rope).transpose(1, 2)  # (B, K, T, D)
-        v = v.transpose(1, 2)  # (B, K, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        # GQA: query head h reads kv head h // (H / K) (`.repeat` would give h % K). SDPA's
-        # enable_gqa does exactly that without copying k and v, which matters with a long cache.
-        scale = 1.0 / math.sqrt(D)
-        gqa = H != K
-        if gqa and mask is not None and q.is_cuda and T > 1:
-            # On CUDA no fused kernel takes a mask with enable_gqa (flash refuses masks, the
-            # memory-efficient one unequal head counts): the math kernel would hold (B, H, T, S)
-            # scores per layer. Copying k and v keeps the memory-efficient kernel. (One decoded
-            # token's scores are small, so sampling keeps enable_gqa.)
-            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            gqa = False
-        if mask is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
-        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        q = rope.rotate(q).transpose(1, 2)  # (B, H, T, D)
+        k = rope.rotate(k).transpose(1, 2)  # (B, K, T, D)
+        return q, k, v.transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(D)) v over S keys (B, K, S, D), then the output projection:
+        (B, T, C). attn_mask (B, 1, T, S) bool; None means causal over the T tokens alone."""
+        B, _, T, D = q.shape
+        # GQA: query head h reads kv head h // (H/K) (`.repeat` would give h % K). SDPA's
+        # enable_gqa does exactly that without copying k and v.
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            scale=1.0 / math.sqrt(D),
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.wo(out)  # (B, T, C)
 
 
@@ -205,18 +146,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config, layer_idx)
+        self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv_cache: KVCache | None
-    ) -> Tensor:
-        """rope: (cos, signed_sin) from rope_cos_sin, shared by every layer."""
-        x = x + self.attention(self.attention_norm(x), rope, mask, kv_cache)
+    def forward(self, x: Tensor, rope: Rope, attn_mask: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -227,68 +165,40 @@ class Transformer(nn.Module):
         # Recompute each block in backward instead of storing its activations (training only).
         self.activation_checkpointing = activation_checkpointing
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        positions: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        attn_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Final-norm hidden states (B, T, C) for input_ids (B, T).
-
-        attention_mask (B, T): 1 real, 0 pad. positions (B, T): RoPE positions, needed with left
-        padding; default counts on from the cache length. kv_cache continues earlier calls.
-        attn_mask (B, 1, T, T) bool, True where a query may read a key: used as is instead of the
-        causal mask, for a caller's own layout (logps.py's shared prompts); no cache then.
-        """
-        B, T = input_ids.shape
-        if attn_mask is not None and kv_cache is not None:
-            raise ValueError("attn_mask replaces the causal mask and cannot extend a KVCache")
-        start = 0 if kv_cache is None else kv_cache.length
-        if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.tok_embeddings(input_ids)  # (B, T, C)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = (
-            attn_mask if attn_mask is not None else self._mask(input_ids, attention_mask, kv_cache)
-        )
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
-            else:
-                x = layer(x, rope, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T
-        return self.norm(x)
-
     def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        positions: Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None
     ) -> Tensor:
-        """Logits (B, T, V) for every position; no loss, nothing kept between calls."""
-        return self.output(self.hidden_states(input_ids, attention_mask, positions, kv_cache))
+        """Logits (B, T, V) for every position of tokens (B, T); see hidden_states."""
+        return self.output(self.hidden_states(tokens, positions, attn_mask))
 
-    def _mask(
-        self, input_ids: Tensor, attention_mask: Tensor | None, kv_cache: KVCache | None
-    ) -> Tensor | None:
-        # None selects SDPA's is_causal fast path: no padding, no cache, window not reached.
-        T = input_ids.shape[1]
+    def hidden_states(
+        self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, C), the LM head's input, for tokens (B, T).
+
+        positions (B, T): RoPE positions, 0..T-1 unless given (left padding, logps_fused.py's
+        shared prompts). attn_mask (B, 1, T, T) bool, True where a query may read a key: causal
+        (within Mistral's window) unless given; `causal_mask` builds one for padded rows.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         window = self.config.sliding_window
-        if kv_cache is None and attention_mask is None and (window is None or T <= window):
-            return None
-        new_keys = torch.ones_like(input_ids, dtype=torch.bool)
-        if attention_mask is not None:
-            new_keys = attention_mask.bool()  # (B, T)
-        if kv_cache is None:
-            return build_attention_mask(new_keys, 0, T, window)
-        return build_attention_mask(kv_cache.append_keys(new_keys), kv_cache.length, T, window)
+        if attn_mask is None and window is not None and T > window:
+            real_keys = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+            attn_mask = causal_mask(real_keys, window)  # SDPA's is_causal has no window
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        rope = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, attn_mask)
+        return self.norm(x)  # (B, T, C)

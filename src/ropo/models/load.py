@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ropo.models.config import ModelConfig, read_model_config
 from ropo.models.files import check_safetensors, read_json, save_safetensors
+from ropo.models.kernels import use_fast_kernels
 from ropo.models.llama import Transformer
 
 # Hugging Face name -> our name; {i} is the layer index. Loading is only this renaming, because
@@ -54,9 +55,13 @@ def rename(name: str, table: dict[str, str]) -> str | None:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    fast_kernels: bool = True,
 ) -> Transformer:
-    """The Transformer in `path`, in eval mode, in the checkpoint dtype unless `dtype` is given.
+    """The Transformer in `path`, in eval mode, in the checkpoint dtype unless `dtype` is given,
+    with the faster modules of models/kernels.py swapped in (`fast_kernels=False`: llama.py's).
 
     Loading is strict: missing, unexpected or misshapen tensors raise ValueError naming them, and
     so do damaged files.
@@ -86,6 +91,8 @@ def load_model(
                     params[ours].copy_(f.get_tensor(name))  # one tensor at a time
     if tied_head_file is not None:
         _check_tied_head(model, tied_head_file)
+    if fast_kernels:
+        use_fast_kernels(model)
     return model.eval()
 
 
