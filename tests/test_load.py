@@ -49,7 +49,8 @@ def test_our_sharded_save_loads_in_ropo_and_hf(tmp_path) -> None:
     ids = random_ids(2, 16)
     with torch.no_grad():
         reference = ours(ids)
-        assert max_diff(load_model(tmp_path)(ids), reference) == 0
+        # our_model builds llama.py's textbook modules: load the same ones to compare exactly
+        assert max_diff(load_model(tmp_path, fast_kernels=False)(ids), reference) == 0
         assert max_diff(hf_logits(load_hf(tmp_path), ids), reference) <= TOL
 
 

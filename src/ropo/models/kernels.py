@@ -8,6 +8,8 @@ the result is computed, so checkpoints, LoRA and FSDP see the same model. Timing
 docs/performance.md and bench/.
 """
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +94,8 @@ class KvCopyAttention(Attention):
         return super().attend(q, k, v, attn_mask)
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 # textbook module -> its faster variant
 FAST_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     RMSNorm: FastRMSNorm,
@@ -100,7 +104,7 @@ FAST_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def use_fast_kernels(model: nn.Module) -> nn.Module:
+def use_fast_kernels(model: ModuleT) -> ModuleT:
     """`model`, in place, with every module of a type in FAST_VARIANTS turned into its variant."""
     for module in model.modules():
         variant = FAST_VARIANTS.get(type(module))

@@ -5,7 +5,8 @@ were filtered out), and by `ropo generate`. Prompts are left-padded so every row
 sits in the last column. The cache and the cached forward pass live here, not in the model:
 llama.py's forward keeps nothing between calls.
 
-Notation: B rows, T new tokens of a call, S keys (cached + new), K kv heads, D head_dim, V vocab.
+Notation: B rows, T new tokens of a call, S keys (cached + new), H query heads, K kv heads,
+D head_dim, C model width, V vocab.
 """
 
 import torch
