@@ -34,6 +34,7 @@ from ropo.data import load_pairs, tokenize_pairs
 from ropo.logps import PairLogps
 from ropo.loss import get_loss
 from ropo.models import load_model, load_tokenizer, save_model
+from ropo.models.files import write_atomic
 from ropo.models.tokenizer import train_tokenizer
 from ropo.ref_cache import RefLogps
 from ropo.step import StepSettings, train_step
@@ -173,6 +174,22 @@ def test_truncate_drops_a_torn_last_line_and_refuses_damage(tmp_path: Path) -> N
     path.write_bytes(b'{"round": 0}\n{"rou\n{"round": 1}\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: unreadable line"):
         truncate_jsonl(path, lambda record: True)
+
+
+def test_write_atomic_leaves_the_old_file_or_the_whole_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    write_atomic(path, '{"round": 1}')
+    write_atomic(path, b'{"round": 2}', sync=True)
+    assert path.read_text() == '{"round": 2}'
+
+    def cut_short(tmp: Path) -> None:
+        tmp.write_text('{"rou')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, cut_short)
+    assert path.read_text() == '{"round": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left
 
 
 # --- NaN / inf -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ropo.evaluate import HeldoutMetrics, heldout_metrics, per_pair_records
 from ropo.logps import PairLogps, score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
+from ropo.models.files import write_atomic
 from ropo.presets import resolve_inputs, resolve_model
 from ropo.resources import pick_device
 from ropo.run_setup import check_vocab
@@ -55,10 +56,10 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     result["per_pair_file"] = str(per_pair_file) if per_pair_file else None
     if per_pair_file is not None:
         records = per_pair_records(ids, policy, reference, settings.beta)
-        _write_atomically(per_pair_file, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(per_pair_file, "".join(json.dumps(r) + "\n" for r in records))
     text = json.dumps(result, indent=1) + "\n"
     if out is not None:
-        _write_atomically(out, text)
+        write_atomic(out, text)  # never a cut-short results file that looks complete
     for_people = sys.stdout if out is not None else sys.stderr  # stdout: the JSON alone
     if chat.note:
         print(chat.note, file=for_people)
@@ -154,10 +155,3 @@ def _check_out(out: Path) -> None:
         raise FileNotFoundError(f"{out.parent}: no such directory, so out={out} cannot be written")
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"{out.parent}: not writable, so out={out} cannot be written")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Never a cut-short results file that looks complete.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
