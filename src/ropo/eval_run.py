@@ -23,10 +23,10 @@ from ropo.evaluate import HeldoutMetrics, heldout_metrics, per_pair_records
 from ropo.logps import PairLogps, score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
+from ropo.models.config import read_model_config
 from ropo.models.files import write_atomic
 from ropo.presets import resolve_inputs, resolve_model
-from ropo.resources import pick_device
-from ropo.run_setup import check_vocab
+from ropo.resources import check_vocab, pick_device
 
 
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
@@ -72,8 +72,8 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
 def check_same_tokenizer(tokenizer: Tokenizer, model_dir: Path, reference_dir: Path) -> None:
     """ValueError unless both models can read the policy's token ids: log-probs of two
     tokenisations of the same text are not comparable."""
-    check_vocab(tokenizer, model_dir)
-    check_vocab(tokenizer, reference_dir)
+    for directory in (model_dir, reference_dir):
+        check_vocab(tokenizer, read_model_config(directory), directory)
     ours, theirs = tokenizer.model_file, reference_dir / tokenizer.model_file.name
     if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():
         raise ValueError(

@@ -32,11 +32,10 @@ from ropo.models.lora import apply_lora, is_adapter, merged_weights
 from ropo.models.peft_export import save_peft_adapters
 from ropo.presets import resolve_data, resolve_inputs, resolve_model
 from ropo.ref_cache import check_reference_model, fingerprint_model_dir, fingerprint_pairs
-from ropo.resources import check_fits, check_memory
+from ropo.resources import DTYPES, check_fits, check_memory, check_vocab
 from ropo.sft_config import SftConfig
 from ropo.step import StepSettings, make_optimizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RunKind = TypeVar("RunKind", bound="TrainingRun")  # TrainingRun.start returns the class it is on
 
 
@@ -172,9 +171,10 @@ def policy_source(cfg: RunConfig | SftConfig, device: torch.device) -> tuple[Pat
     # Weights and data together: a run missing both says so at once, not one per attempt.
     model_dir, _, _ = resolve_inputs(cfg.model.model, cfg.data.data, cfg.data.format)
     tokenizer = load_tokenizer(model_dir)
-    check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
-    check_fits(model_dir, cfg)
-    memory = check_memory(model_dir, cfg, device, distributed.world_size())
+    config = read_model_config(model_dir)  # read once; these checks fail in a second
+    check_vocab(tokenizer, config, model_dir)
+    check_fits(config, cfg, model_dir)
+    memory = check_memory(config, cfg, device, model_dir, distributed.world_size())
     if is_main():
         print(memory)
     return model_dir, tokenizer
@@ -212,18 +212,6 @@ def identify_run(
     run_dir.check_inputs_unchanged(out / "run.json", info["inputs"], inputs)
     checkpoint = latest_checkpoint(out, info["run_id"])
     return run_dir.RunIdentity(info["run_id"], inputs, info, checkpoint)
-
-
-def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
-    """Raise ValueError if the tokenizer has ids the embedding lacks; reads only config.json, which
-    from_hf also checks for settings we do not support (e.g. rope_scaling)."""
-    config = read_model_config(model_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"{tokenizer.model_file} has {tokenizer.vocab_size} pieces but the "
-            f"model's embedding has {config.vocab_size} rows "
-            f"({model_dir}/config.json vocab_size): they do not belong together"
-        )
 
 
 def loss_params(cfg: RunConfig) -> dict[str, float]:
