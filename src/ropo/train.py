@@ -8,13 +8,14 @@
     last_round=restart: the last round trains a fresh policy with plain DPO on the kept pairs
 `loss=dpo rounds=1 rho=0` is plain DPO through the same code. Under torchrun every process runs
 this same loop; distributed.py shards the model, the steps and the scoring, and rank 0 writes.
-Setup, resume and the final save are in run_setup.py; rejection sampling is in resample.py.
+What a run fixes before its loop (its pairs, reference log-probs and loop state, fresh or
+resumed) is run_setup.py's; the policy and its final save are policy.py's; checkpoints on
+schedule and on SIGTERM are saving.py's; rejection sampling is resample.py's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,17 @@ from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
 from ropo.loss import PreferenceLoss, get_loss
 from ropo.models.llama import Transformer
+from ropo.policy import Learner, save_final
 from ropo.progress import RunProgress, progress_bar
-from ropo.ref_cache import RefLogps, reference_logps
+from ropo.ref_cache import RefLogps
 from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
-from ropo.run_setup import LoopState, Run, build_policy, save_final, start_or_resume, start_run
+from ropo.run_setup import LoopState, Run, reference, start_or_resume, start_run
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.step import (
     StepStats,
     autocast,
     epoch_steps,
     learning_rate,
-    make_optimizer,
     pair_losses,
     planned_steps,
     policy_preferences,
@@ -69,15 +70,13 @@ def train(cfg: RunConfig) -> Path:
         run = start_run(cfg)
         ref = reference(run, run.data.tokens)
         heldout_ref = reference(run, run.data.heldout.tokens) if run.data.heldout else None
-        policy, optimizer, state = start_or_resume(run)
-        learner = Learner(policy, optimizer)
-        del policy, optimizer  # the learner holds the only references: a restart frees them
+        learner, state = start_or_resume(run)
         ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
         run_bar = RunProgress(cfg.filter.rounds, state.global_step, not is_main())
         try:
             train_rounds(run, learner, ref, state, heldout_ref, run_bar)
         except Interrupted as stop:
-            stop.where = position(state, cfg)
+            stop.where = state.position(cfg)
             raise
         finally:
             run_bar.close()
@@ -87,39 +86,6 @@ def train(cfg: RunConfig) -> Path:
             print(run_summary(run.out, run.data.summary, wall, state.n_skipped_nonfinite))
     distributed.teardown()
     return run.out
-
-
-@dataclass
-class Learner:
-    """The policy being trained and its optimizer: last_round=restart replaces both."""
-
-    policy: Transformer
-    optimizer: torch.optim.Optimizer
-
-
-def position(state: LoopState, cfg: RunConfig) -> str:
-    """Where the loop stands, in words (1-based, as on the progress bars)."""
-    where = f"round {state.round_idx + 1}/{cfg.filter.rounds}"
-    if state.epoch >= round_epochs(cfg, state.round_idx):
-        return f"at the end of {where} (scoring or sampling), after global step {state.global_step}"
-    return f"in {where}, epoch {state.epoch + 1}, after global step {state.global_step}"
-
-
-def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
-    """Reference log-probs of `pairs` (training or held-out) under the run's reference model
-    (`reference`, else the policy's starting point): read from the cache, or computed once."""
-    # Several processes share the reference scoring; one reads or fills the cache alone.
-    several = distributed.world_size() > 1
-    with autocast(run.step.device, run.step.autocast):
-        return (distributed.shared_reference_logps if several else reference_logps)(
-            run.reference_dir,
-            pairs,
-            run.cfg.run.cache_dir or run.out / "cache",
-            run.cfg.optim.batch_size * 2,
-            run.tokenizer.pad_id,
-            run.dtype,
-            run.step.device,
-        )
 
 
 def train_rounds(
@@ -170,9 +136,7 @@ def restart_policy(run: Run, learner: Learner, state: LoopState) -> None:
     """last_round=restart: the last round starts again from the model directory, with a fresh
     AdamW and a learning-rate schedule of its own, so that none of what the earlier rounds
     learned from the flipped pairs they trained on carries into the final policy."""
-    learner.optimizer.state.clear()  # its moments go first: the old and new weights then fit
-    learner.policy = build_policy(run)
-    learner.optimizer = make_optimizer(learner.policy, run.cfg.optim)
+    learner.restart(run)
     state.schedule_start = state.global_step
 
 

@@ -1,6 +1,6 @@
 """The files beside saved weights that make Hugging Face tools tokenise as the run trained.
 
-`run_setup.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
+`policy.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
 write_tokenizer_files after the weights. Without them transformers' AutoTokenizer guesses, and
 drops the BOS that every training sequence started with. `tokenizer_config.json` holds the chat
 template of the run: the model's own (template=auto), or chat_templates.py's Jinja of the named

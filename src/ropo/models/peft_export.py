@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's layout, so `peft.PeftModel.from_pretrained(base, dir)` loads them.
 
-`run_setup.save_final` writes them into `<out>/final/adapter` beside the merged weights. Our
+`policy.save_final` writes them into `<out>/final/adapter` beside the merged weights. Our
 adapters (lora.py) are PEFT's without any reshaping: lora_a (r, fan_in) is PEFT's lora_A.weight,
 lora_b (fan_out, r) its lora_B.weight, the scale alpha / r its `scaling` (use_rslora=false), and
 the projections are in Hugging Face's layout already (load.py renames, it never permutes).
