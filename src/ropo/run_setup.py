@@ -3,7 +3,8 @@ reference log-probs the loop reads, and the loop state, fresh or resumed from a 
 
 start_run first checks what can fail in a second (run directory, model, tokenizer, memory), then
 reads the data. The policy itself is policy.py's; the run's identity and the position its
-checkpoints save are training_run.py's. Sits after them, just before train.py, which alone calls it.
+checkpoints save are training_run.py's. Sits after them and after the sampling stage (LoopState
+carries the sampled pairs), just before train.py, which alone calls it.
 """
 
 from __future__ import annotations
@@ -19,18 +20,14 @@ from ropo import audit, distributed, run_dir
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
+from ropo.filter.rejection import SampledPair, SamplingSettings
 from ropo.heldout import HeldoutPairs, heldout_inputs, prepare_heldout, split_heldout
 from ropo.loss import LOSS_PARAMS, PreferenceLoss, get_loss
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.policy import Learner, policy_and_optimizer, policy_source
 from ropo.presets import resolve_data, resolve_model
-from ropo.ref_cache import (
-    RefLogps,
-    check_reference_model,
-    fingerprint_pairs,
-    reference_logps,
-)
+from ropo.ref_cache import RefLogps, check_reference_model, fingerprint_pairs, reference_logps
 from ropo.step import autocast, round_epochs
 from ropo.training_run import LoopPosition, TrainingRun, identify_run
 
@@ -48,11 +45,13 @@ class Dataset:
 
 @dataclass(frozen=True, kw_only=True)
 class Run(TrainingRun):
-    """A `ropo train` run: also its pairs, the loss and the frozen reference's directory."""
+    """A `ropo train` run: also its pairs, the loss, the frozen reference's directory and how
+    rejection sampling (if on) draws new pairs."""
 
     data: Dataset
     loss_fn: PreferenceLoss
     reference_dir: Path  # the model directory unless reference= names another
+    sampling: SamplingSettings
 
 
 @dataclass
@@ -64,7 +63,7 @@ class LoopState(LoopPosition):
     # The global step where the learning-rate schedule began: 0, or where last_round=restart
     # started its fresh policy (step.planned_steps).
     schedule_start: int = 0
-    sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
+    sampled: list[SampledPair] = field(default_factory=list)  # trained on in this round
     # Held-out metrics of the policy before round 1, written with round 1's metrics line: kept
     # here so that a run resumed within round 1 writes the same line.
     eval_start: dict[str, float] = field(default_factory=dict)
@@ -76,6 +75,16 @@ class LoopState(LoopPosition):
             where = f"at the end of {where} (scoring or sampling)"
             return f"{where}, after global step {self.global_step}"
         return f"in {where}, epoch {self.epoch + 1}, after global step {self.global_step}"
+
+    def to_record(self) -> dict[str, Any]:
+        """The state as JSON-ready values: the "loop" of a checkpoint's state.json."""
+        return super().to_record() | {"sampled": [pair.to_record() for pair in self.sampled]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> LoopState:
+        """The state a checkpoint saved with to_record."""
+        sampled = [SampledPair.from_record(pair) for pair in record.get("sampled", [])]
+        return cls(**(record | {"sampled": sampled}))
 
 
 def start_run(cfg: RunConfig) -> Run:
@@ -105,6 +114,7 @@ def start_run(cfg: RunConfig) -> Run:
             out, identity, cfg.to_flat_dict(), data_fingerprint, data.summary, eval_ids
         )
     fields = {"data": data, "loss_fn": loss_fn, "reference_dir": reference_dir}
+    fields["sampling"] = sampling_settings(cfg)
     return Run.start(cfg, out, identity, model_dir, tokenizer, device, **fields)
 
 
@@ -120,6 +130,19 @@ def reference_model_dir(cfg: RunConfig, model_dir: Path) -> Path:
     except (FileNotFoundError, ValueError) as err:  # e.g. a directory without config.json
         raise type(err)(f"config key 'reference': {err}") from None
     return reference_dir
+
+
+def sampling_settings(cfg: RunConfig) -> SamplingSettings:
+    """How rejection sampling draws and picks: the rs_* keys, beta and the run's seed."""
+    return SamplingSettings(
+        k=cfg.filter.rs_k,
+        beta=cfg.loss.beta,
+        temperature=cfg.filter.rs_temperature,
+        top_p=cfg.filter.rs_top_p,
+        max_new_tokens=cfg.filter.rs_max_new_tokens,
+        pair_rule=cfg.filter.rs_pair_rule,
+        seed=cfg.run.seed,
+    )
 
 
 def loss_params(cfg: RunConfig) -> dict[str, float]:

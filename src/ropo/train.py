@@ -29,14 +29,16 @@ from ropo.distributed import is_main
 from ropo.evaluate import heldout_metrics
 from ropo.faults import maybe_crash
 from ropo.filter.noise_rate import estimate_flip_rate
+from ropo.filter.rejection import SampledPair
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
 from ropo.loss import PreferenceLoss, get_loss
+from ropo.models import load_model
 from ropo.models.llama import Transformer
 from ropo.policy import Learner, save_final
 from ropo.progress import RunProgress, progress_bar
 from ropo.ref_cache import RefLogps
-from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
+from ropo.resample import sample_replacements, sampled_record, sampled_ref_logps
 from ropo.run_setup import LoopState, Run, reference, start_or_resume, start_run
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.step import (
@@ -104,7 +106,7 @@ def train_rounds(
         state.eval_start = evaluate_heldout(run, learner.policy, heldout_ref, "held-out, start")
     for round_idx in range(state.round_idx, cfg.filter.rounds):
         kept = state.kept_ids if state.kept_ids is not None else list(by_id)
-        train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
+        train_pairs = [by_id[i] for i in kept] + [pair.tokens for pair in state.sampled]
         now_at = (round_idx, state.epoch, state.step_in_epoch)
         to_go = steps_to_go(len(by_id), len(train_pairs), *now_at, cfg)
         run_bar.set_total(state.global_step + to_go)
@@ -121,8 +123,7 @@ def train_rounds(
             decision = end_of_round(run, policy, ref, round_idx, extra)
         state.sampled = []
         if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
-            with autocast(device, run.step.autocast):
-                state.sampled = sample_replacements(run, policy, decision, round_idx)
+            state.sampled = resample(run, policy, decision, round_idx)
             ref = ref.extend(sampled_ref_logps(state.sampled))
         del policy
         if restarts(cfg, round_idx + 1):
@@ -241,6 +242,24 @@ def end_of_round(
         audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids, data.flips)
         tqdm.write(audit.format_metrics(metrics))  # a line of its own, under the progress bars
     return decision
+
+
+def resample(
+    run: Run, policy: Transformer, decision: DropDecision, round_idx: int
+) -> list[SampledPair]:
+    """New pairs for the prompts of the pairs round `round_idx` dropped (resample.py), written
+    to <out>/sampled_pairs.jsonl. The reference model is loaded for this alone, to score the
+    new responses, and freed again."""
+    dropped = set(decision.dropped_ids)
+    pairs = [pair for pair in run.data.tokens if pair.id in dropped]
+    tokenizer, device = run.tokenizer, run.step.device
+    with autocast(device, run.step.autocast):
+        reference = load_model(run.reference_dir, dtype=run.dtype, device=device)
+        sampled = sample_replacements(policy, reference, pairs, round_idx, run.sampling, tokenizer)
+    del reference
+    records = [sampled_record(pair, tokenizer) for pair in sampled]
+    audit.append_jsonl(run.out / "sampled_pairs.jsonl", records)
+    return sampled
 
 
 def log_step(
