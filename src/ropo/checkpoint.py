@@ -35,7 +35,6 @@ from ropo.distributed import (
     load_optimizer_state,
     world_size,
 )
-from ropo.faults import maybe_crash
 from ropo.models.export import TokenizerExport, write_tokenizer_files
 from ropo.models.files import save_safetensors, write_atomic
 from ropo.models.llama import Transformer
@@ -104,7 +103,6 @@ def _write_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state()
     save_safetensors(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
-    maybe_crash("checkpoint")
     write_manifest(tmp, state)
     _fsync_dir_files(tmp)
     shutil.rmtree(final, ignore_errors=True)

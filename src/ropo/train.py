@@ -27,7 +27,6 @@ from ropo.config import RunConfig
 from ropo.data import TokenizedPair
 from ropo.distributed import is_main
 from ropo.evaluate import heldout_metrics
-from ropo.faults import maybe_crash
 from ropo.filter.noise_rate import estimate_flip_rate
 from ropo.filter.rejection import SampledPair
 from ropo.filter.weights import DropDecision, select_drops
@@ -129,7 +128,6 @@ def train_rounds(
         if restarts(cfg, round_idx + 1):
             restart_policy(run, learner, state)
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
-        maybe_crash("round_end")
         save(run, f"round-{round_idx + 1}", learner.policy, learner.optimizer, state)
 
 

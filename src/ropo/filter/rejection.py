@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from ropo.data import TokenizedPair
-from ropo.faults import maybe_crash
 from ropo.logps import PairLogps, collate_sequences, sequence_logps
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
@@ -172,7 +171,6 @@ def draw_samples(
         generator=generator,
         vocab_limit=tokenizer.vocab_size,
     )
-    maybe_crash("rejection_sampling")
     return [s if s else [tokenizer.eos_id] for s in samples]
 
 
