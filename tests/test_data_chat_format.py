@@ -3,14 +3,16 @@ rendered prompt and responses, tokenises as the template wrote it, and errors na
 rejection-sampled pairs keep their ids, whatever their decoded text lost.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ropo.data import TokenizedPair, inject_noise, load_pairs, tokenize_pairs
+from ropo.filter.rejection import SampledPair
 from ropo.models.chat_format import ChatFormat, load_chat_format
 from ropo.models.tokenizer import Tokenizer, load_tokenizer
-from ropo.resample import sampled_pair
+from ropo.resample import sampled_record
 from test_data import GOOD, sha_id, write_jsonl
 from tokenizer_fixtures import smollm2_like
 
@@ -67,8 +69,12 @@ def test_sampled_pairs_keep_their_ids_not_their_text(smollm2: tuple[Tokenizer, C
     tokenizer, _ = smollm2
     prompt_ids = tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     chosen_ids, rejected_ids = tokenizer.encode("Paris<|im_end|>"), tokenizer.encode("Lyon")
-    record = {"id": "s1", "prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
-              "rejected_ids": rejected_ids, "chosen": tokenizer.decode(chosen_ids)}  # fmt: skip
+    tokens = TokenizedPair("s1", tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids))
+    record = sampled_record(SampledPair(tokens, 1, -1.5, -2.5), tokenizer)  # sampled_pairs.jsonl
+    assert record["chosen"] == tokenizer.decode(chosen_ids)
     assert tokenizer.encode(record["chosen"]) != chosen_ids  # the text lost <|im_end|>
-    rebuilt = sampled_pair(record)
-    assert rebuilt == TokenizedPair("s1", tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids))
+    rebuilt = SampledPair.from_record(json.loads(json.dumps(record)))
+    assert rebuilt.tokens == TokenizedPair(
+        "s1", tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids)
+    )
+    assert rebuilt == SampledPair(tokens, 1, -1.5, -2.5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fault_launcher
 import ropo.train as train_module
 from conftest import read_jsonl, write_synthetic_pairs
 from ropo import distributed
@@ -37,10 +38,12 @@ LORA = ("lora_rank=4", "lora_alpha=8", "lr=3e-2")
 
 
 def torchrun(args: list[str], cwd: Path, fault: str = "") -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 -m ropo train ARGS`; ROPO_FAULT=`fault`."""
+    """`torchrun --standalone --nproc_per_node=2 -m ropo train ARGS`; with a `fault`, each process
+    runs tests/fault_launcher.py with ROPO_FAULT=`fault` instead of `-m ropo`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
+    ropo = [str(fault_launcher.LAUNCHER)] if fault else ["-m", "ropo"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "ropo", "train", *args]  # fmt: skip
+               "--nproc_per_node=2", *ropo, "train", *args]  # fmt: skip
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

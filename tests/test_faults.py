@@ -1,16 +1,18 @@
 """Faults never lose work: a run killed at any point resumes to what an uninterrupted run gives.
 
-The kill tests start `python -m ropo train` as a subprocess with ROPO_FAULT=<point>:<n> (see
-src/ropo/faults.py), which sends SIGKILL at a precise place: mid-step, mid-checkpoint-write, between
-rounds, during rejection sampling. `ropo train resume=<run>` must then end with the same final
-weights (compared exactly), kept set and audit files as a run that was never interrupted. The rest
-checks the pieces in-process: checkpoint integrity (manifest, checksums, stale temp directories),
-torn audit lines, and NaN/inf steps (stop at the last good checkpoint, or skip_nonfinite=true).
+The kill tests start `ropo train` as a subprocess through tests/fault_launcher.py with
+ROPO_FAULT=<point>:<n>, which sends SIGKILL at a precise place: mid-step, mid-checkpoint-write,
+between rounds, during rejection sampling. `ropo train resume=<run>` must then end with the same
+final weights (compared exactly), kept set and audit files as a run that was never interrupted.
+The rest checks the pieces in-process: checkpoint integrity (manifest, checksums, stale temp
+directories), atomic writes, torn audit lines, and NaN/inf steps (stop at the last good
+checkpoint, or skip_nonfinite=true).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -24,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fault_launcher
 import ropo.step as step_module
 from conftest import WORDS, write_synthetic_pairs
-from ropo import faults
 from ropo.audit import truncate_jsonl
 from ropo.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from ropo.cli import main
@@ -34,6 +36,7 @@ from ropo.data import load_pairs, tokenize_pairs
 from ropo.logps import PairLogps
 from ropo.loss import get_loss
 from ropo.models import load_model, load_tokenizer, save_model
+from ropo.models.files import write_atomic
 from ropo.models.tokenizer import train_tokenizer
 from ropo.ref_cache import RefLogps
 from ropo.step import StepSettings, train_step
@@ -51,9 +54,10 @@ def ropo_train(
     args: list[str], cwd: Path, fault: str = "", wrapper: list[str] | None = None
 ) -> subprocess.CompletedProcess:
     """`python -m ropo train ARGS` in a fresh process (after `wrapper`, a command that runs its
-    arguments); ROPO_FAULT=`fault` when given."""
+    arguments); with a `fault`, through tests/fault_launcher.py with ROPO_FAULT=`fault`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
-    command = [*(wrapper or []), sys.executable, "-m", "ropo", "train", *args]
+    ropo = fault_launcher.command() if fault else [sys.executable, "-m", "ropo"]
+    command = [*(wrapper or []), *ropo, "train", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -115,11 +119,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
 
 
 def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ROPO_FAULT", "stpe:1")  # a typo must not quietly never fire
-    with pytest.raises(ValueError, match="ROPO_FAULT='stpe:1'"):
-        faults.maybe_crash("step")
-    monkeypatch.setenv("ROPO_FAULT", "round_end:2")
-    faults.maybe_crash("step")  # another point: nothing happens
+    for typo in ("stpe:1", "step:0", "step", "step:1:SIGHUP"):  # must not quietly never fire
+        with pytest.raises(ValueError, match=f"ROPO_FAULT='{typo}'"):
+            fault_launcher.install(typo, monkeypatch.setattr)
+    apply_step = step_module.apply_step
+    fault_launcher.install("round_end:2", monkeypatch.setattr)
+    assert step_module.apply_step is apply_step  # another point: nothing changes there
+    for point in fault_launcher.POINTS:  # each still names functions the library calls there
+        fault_launcher.install(f"{point}:1", monkeypatch.setattr)
+    for module, name in fault_launcher.POINTS["step"].targets:  # each wrapped once: one count
+        assert getattr(importlib.import_module(module), name).__wrapped__ is apply_step
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -173,6 +182,22 @@ def test_truncate_drops_a_torn_last_line_and_refuses_damage(tmp_path: Path) -> N
     path.write_bytes(b'{"round": 0}\n{"rou\n{"round": 1}\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: unreadable line"):
         truncate_jsonl(path, lambda record: True)
+
+
+def test_write_atomic_leaves_the_old_file_or_the_whole_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    write_atomic(path, '{"round": 1}')
+    write_atomic(path, b'{"round": 2}', sync=True)
+    assert path.read_text() == '{"round": 2}'
+
+    def cut_short(tmp: Path) -> None:
+        tmp.write_text('{"rou')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, cut_short)
+    assert path.read_text() == '{"round": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left
 
 
 # --- NaN / inf -------------------------------------------------------------------------------
@@ -337,7 +362,7 @@ def test_a_second_run_into_a_live_run_directory_is_refused(
 ) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGSTOP"}
-    command = [sys.executable, "-m", "ropo", "train", *run_inputs, f"out={out}"]
+    command = fault_launcher.command("train", *run_inputs, f"out={out}")
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

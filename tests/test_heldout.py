@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import fault_launcher
 import ropo.train as train_module
 from conftest import read_jsonl, write_synthetic_pairs
 from ropo.cli import main
@@ -164,7 +165,8 @@ def test_heldout_errors_are_one_line(
 
 def ropo_train(args: list[str], cwd: Path, fault: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
-    command = [sys.executable, "-m", "ropo", "train", *args]
+    ropo = fault_launcher.command() if fault else [sys.executable, "-m", "ropo"]
+    command = [*ropo, "train", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -22,7 +22,7 @@ from ropo import ref_cache, resources
 from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.models import load_tokenizer
-from ropo.models.config import ModelConfig
+from ropo.models.config import ModelConfig, read_model_config
 from ropo.resources import check_fits, check_memory, lora_params, training_bytes
 
 LLAMA2_7B = {
@@ -99,14 +99,16 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(
     (model_dir / "config.json").write_text(json.dumps(LLAMA2_7B))
     monkeypatch.setattr(resources, "available_bytes", lambda device: 40 * 2**30)
     full = load_config(None, ["dtype=bfloat16", "activation_checkpointing=true"])
+    config = read_model_config(model_dir)
     with pytest.raises(MemoryError, match=r"needs|lora_rank=16") as error:
-        check_memory(model_dir, full, torch.device("cpu"))
+        check_memory(config, full, torch.device("cpu"), model_dir)
     assert "weights 12.55" in str(error.value) and "has 40.0 GiB free" in str(error.value)
     lora = load_config(None, ["dtype=bfloat16", "activation_checkpointing=true", "lora_rank=16"])
     # 12.63 GiB of weights + 0.22 GiB for the adapters + 3.71 GiB of activations (512 tokens)
-    assert check_memory(model_dir, lora, torch.device("cpu")).startswith("memory estimate: 16.6")
+    estimate = check_memory(config, lora, torch.device("cpu"), model_dir)
+    assert estimate.startswith("memory estimate: 16.6")
     assert "per process (8 processes)" in check_memory(
-        model_dir, full, torch.device("cpu"), world_size=8
+        config, full, torch.device("cpu"), model_dir, world_size=8
     )
 
 
@@ -134,13 +136,17 @@ def test_max_length_and_lora_rank_must_fit_the_model(tmp_path: Path) -> None:
     # Llama-2-7B: 4096 positions, and every projection is at least C = 4096 wide on each side;
     # with grouped-query attention wk and wv are narrower.
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B | {"max_position_embeddings": 4096}))
-    check_fits(tmp_path, load_config(None, ["max_length=4096", "lora_rank=4096"]))
+
+    def check(*overrides: str) -> None:
+        check_fits(read_model_config(tmp_path), load_config(None, list(overrides)), tmp_path)
+
+    check("max_length=4096", "lora_rank=4096")
     with pytest.raises(ValueError, match=r"'max_length' = 4097 .* max_position_embeddings = 4096"):
-        check_fits(tmp_path, load_config(None, ["max_length=4097"]))
+        check("max_length=4097")
     with pytest.raises(ValueError, match=r"'lora_rank' = 4097 .* hidden_size = 4096 \("):
-        check_fits(tmp_path, load_config(None, ["lora_rank=4097"]))
+        check("lora_rank=4097")
     gqa = LLAMA2_7B | {"num_key_value_heads": 8}  # wk, wv: 4096 -> 8 * 128 = 1024
     (tmp_path / "config.json").write_text(json.dumps(gqa))
     with pytest.raises(ValueError, match=r"num_key_value_heads \* head_dim = 1024"):
-        check_fits(tmp_path, load_config(None, ["lora_rank=1025"]))
-    check_fits(tmp_path, load_config(None, ["lora_rank=1025", "lora_targets=wq,wo,w1,w2,w3"]))
+        check("lora_rank=1025")
+    check("lora_rank=1025", "lora_targets=wq,wo,w1,w2,w3")

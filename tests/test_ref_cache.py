@@ -28,8 +28,7 @@ from ropo.models import Transformer, load_model, load_tokenizer, save_model
 from ropo.models.config import read_model_config
 from ropo.models.tokenizer import train_tokenizer
 from ropo.ref_cache import RefLogps
-from ropo.run_setup import Run, start_run
-from ropo.train import reference
+from ropo.run_setup import Run, reference, start_run
 
 OLD_CONVENTION = "summed-response-logps-fp32-v1"  # the two-row layout, before the shared prompt
 

@@ -94,12 +94,11 @@ def sample_with_rule(
     """rejection_sample on one dropped pair, the sampler replaced by one returning `samples`."""
     policy = load_model(tiny_model_dir)
     monkeypatch.setattr(rejection, "generate", lambda model, prompts, **_: [*samples])
+    settings = rejection.SamplingSettings(
+        k=len(samples), beta=1.0, temperature=1.0, top_p=1.0, max_new_tokens=4, pair_rule=rule
+    )
     tokenizer = load_tokenizer(tiny_model_dir)
-    return rejection.rejection_sample(
-        policy, reference, [dropped], round_idx=0, k=len(samples), beta=1.0, temperature=1.0,
-        top_p=1.0, max_new_tokens=4, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        generator=torch.Generator(), pair_rule=rule,
-    )  # fmt: skip
+    return rejection.rejection_sample(policy, reference, [dropped], 0, settings, tokenizer)
 
 
 def test_original_responses_give_a_pair_when_every_sample_is_the_same(
@@ -120,8 +119,10 @@ def test_original_responses_give_a_pair_when_every_sample_is_the_same(
     per_token = [textbook_logp(policy, dropped_pair.prompt_ids, c) / len(c) for c in candidates]
     best, worst = max(range(3), key=per_token.__getitem__), min(range(3), key=per_token.__getitem__)
     assert best != worst  # the random model does not tie: the test can tell the candidates apart
-    (pair,) = result.pairs
+    (sampled,) = result.pairs
+    pair = sampled.tokens
     assert pair.id == "p0@rs0" and pair.prompt_ids == dropped_pair.prompt_ids
+    assert sampled.round == 1  # sampled after round 1 (round_idx 0), as the audit files count
     assert list(pair.chosen_ids) == candidates[best]
     assert list(pair.rejected_ids) == candidates[worst]
     expected = [
@@ -133,6 +134,9 @@ def test_original_responses_give_a_pair_when_every_sample_is_the_same(
         rtol=1e-4,
         atol=1e-4,
     )
+    # The reference is the same random model, so its log-probs of the pair are the policy's.
+    reference_logps = torch.tensor([sampled.ref_chosen_logp, sampled.ref_rejected_logp])
+    torch.testing.assert_close(reference_logps, torch.tensor(expected), rtol=1e-4, atol=1e-4)
 
 
 def test_reward_rule_picks_highest_and_lowest_implicit_reward(
@@ -153,7 +157,8 @@ def test_reward_rule_picks_highest_and_lowest_implicit_reward(
     rewards = [
         textbook_logp(policy, prompt, s) - textbook_logp(reference, prompt, s) for s in samples
     ]
-    (pair,) = result.pairs
+    (sampled,) = result.pairs
+    pair = sampled.tokens
     assert list(pair.chosen_ids) == samples[max(range(4), key=rewards.__getitem__)]
     assert list(pair.rejected_ids) == samples[min(range(4), key=rewards.__getitem__)]
 

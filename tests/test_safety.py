@@ -69,8 +69,7 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "max_length=64", "save_every=2", "seed=3"]  # fmt: skip
     before = snapshot(root)
     env = {**os.environ, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
-           "XDG_CACHE_HOME": str(root / "home" / ".cache"), "OMP_NUM_THREADS": "1",
-           "ROPO_FAULT": ""}  # fmt: skip
+           "XDG_CACHE_HOME": str(root / "home" / ".cache"), "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "-m", "ropo", "train", *args]
     result = subprocess.run(command, cwd=root / "cwd", env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,8 @@
 """`ropo sft`: the records it reads, the loss it minimises, its run directory and its resume.
 
 The loss is checked against a textbook computation from full logits; accumulation against one
-big batch; a run killed mid-step (ROPO_FAULT, as in test_faults.py) must resume to the weights
-of a run never interrupted; and its final/ must be a model `ropo train` starts from.
+big batch; a run killed mid-step (tests/fault_launcher.py, as in test_faults.py) must resume to
+the weights of a run never interrupted; and its final/ must be a model `ropo train` starts from.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import fault_launcher
 from conftest import read_jsonl, write_synthetic_pairs
-from ropo import faults
 from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.models import Transformer, load_model, load_tokenizer
@@ -233,10 +232,10 @@ def test_user_errors_are_one_line_with_the_sft_resume_command(
 
 
 def ropo_sft(args: list[str], cwd: Path, fault: str) -> subprocess.CompletedProcess:
-    """`python -m ropo sft ARGS` in a fresh process with ROPO_FAULT=`fault`: a SIGKILL ends the
-    process, so that run cannot be one of pytest's."""
+    """`ropo sft ARGS` in a fresh process through tests/fault_launcher.py with ROPO_FAULT=`fault`:
+    a SIGKILL ends the process, so that run cannot be one of pytest's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": fault}
-    command = [sys.executable, "-m", "ropo", "sft", *args]
+    command = fault_launcher.command("sft", *args)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -255,14 +254,13 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_weights(
     result = ropo_sft(sft_args(tiny_model_dir, demos_file, killed, *run), tmp_path, "step:5")
     assert result.returncode == -signal.SIGKILL, result.stderr
     stopped = tmp_path / "stopped"  # SIGTERM in step 2: the step finishes, is saved, the run stops
-    monkeypatch.setattr(faults, "_reached", {})
-    monkeypatch.setenv("ROPO_FAULT", "step:2:SIGTERM")
-    assert main(["sft", *sft_args(tiny_model_dir, demos_file, stopped, *run)]) == 143
+    with monkeypatch.context() as fault:
+        fault_launcher.install("step:2:SIGTERM", fault.setattr)
+        assert main(["sft", *sft_args(tiny_model_dir, demos_file, stopped, *run)]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"ropo: interrupted by SIGTERM in epoch 1, after step 2/6; last checkpoint "
         f"{stopped / 'checkpoints' / 'step-0000002'}; continue with `ropo sft resume={stopped}`"
     )
-    monkeypatch.delenv("ROPO_FAULT")
     for out, checkpoint in ((killed, "step-0000004"), (stopped, "step-0000002")):
         assert main(["sft", f"resume={out}"]) == 0
         assert f"resume: {out / 'checkpoints' / checkpoint}" in capsys.readouterr().out

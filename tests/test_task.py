@@ -300,7 +300,8 @@ def test_interrupted_builtin_keeps_finished_stages_and_says_how_to_go_on(
         f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGINT"}
-    command = [sys.executable, "-m", "ropo", "builtin", f"out={out}", *words]
+    launcher = Path(__file__).with_name("fault_launcher.py")  # injects ROPO_FAULT's SIGINT
+    command = [sys.executable, str(launcher), "builtin", f"out={out}", *words]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import ropo.train as train_module
 from conftest import read_jsonl
+from ropo import ref_cache
 from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
@@ -193,13 +194,13 @@ def test_reference_cache_is_reused_and_invalidated(
 ) -> None:
     cache = tmp_path / "cache"
     loads = {"n": 0}
-    real_load = train_module.reference_logps.__globals__["load_model"]
+    real_load = ref_cache.load_model
 
     def counting_load(*a: object, **k: object) -> object:
         loads["n"] += 1
         return real_load(*a, **k)
 
-    monkeypatch.setitem(train_module.reference_logps.__globals__, "load_model", counting_load)
+    monkeypatch.setattr(ref_cache, "load_model", counting_load)
     common = ("loss=dpo", "rounds=1", "rho=0", f"cache_dir={cache}")
     run(tiny_model_dir, tiny_pairs_file, tmp_path / "a", *common)
     run(tiny_model_dir, tiny_pairs_file, tmp_path / "b", *common)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
 from ropo.filter.weights import DropDecision
 from ropo.logps import PairLogps
 from ropo.loss import preference_margin
+from ropo.models.files import write_atomic
 from ropo.run_dir import RunIdentity
 
 
@@ -62,9 +62,7 @@ def write_run_info(
         "command": started.get("command", sys.argv),
         "resumes": started.get("resumes", []) + ([sys.argv] if started else []),
     }
-    tmp = out / ".run.json.tmp"  # a resume reads run.json: a crash must not leave half of it
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / "run.json")
+    write_atomic(out / "run.json", json.dumps(info, indent=1))  # a resume reads it
 
 
 def _git_revision() -> str | None:
@@ -185,9 +183,7 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
             raise ValueError(f"{path}:{lineno}: unreadable line in an audit file") from None
         if record is not None and keep(record):
             kept.append(line + b"\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(b"".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path, b"".join(kept))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -226,24 +222,25 @@ def export_cleaned(
     kept = set(kept_ids)
     wanted = {pair.source: pair.id for pair in pairs if pair.id in kept}  # "file:line" -> id
     files = dict.fromkeys(source.rsplit(":", 1)[0] for source in wanted)
-    tmp = path.with_name(f".{path.name}.tmp")  # never a cut-short file that looks complete
-    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        for file in files:
-            for where, record in read_records(Path(file)):
-                pair_id = wanted.pop(where, None)
-                if pair_id is None:
-                    continue
-                record["ropo_id"] = pair_id
-                if flips is not None:
-                    record["ropo_flipped"] = bool(flips[pair_id])
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if wanted:
-        tmp.unlink()
-        raise ValueError(
-            f"{next(iter(wanted))}: this pair's line is no longer in the data file, which changed "
-            "during the run; restore it and resume the run"
-        )
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for file in files:
+                for where, record in read_records(Path(file)):
+                    pair_id = wanted.pop(where, None)
+                    if pair_id is None:
+                        continue
+                    record["ropo_id"] = pair_id
+                    if flips is not None:
+                        record["ropo_flipped"] = bool(flips[pair_id])
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if wanted:
+            raise ValueError(
+                f"{next(iter(wanted))}: this pair's line is no longer in the data file, which "
+                "changed during the run; restore it and resume the run"
+            )
+
+    write_atomic(path, write)  # never a cut-short file that looks complete
 
 
 def _mean(values: Tensor) -> float:

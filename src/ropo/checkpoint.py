@@ -35,9 +35,8 @@ from ropo.distributed import (
     load_optimizer_state,
     world_size,
 )
-from ropo.faults import maybe_crash
 from ropo.models.export import TokenizerExport, write_tokenizer_files
-from ropo.models.files import save_safetensors
+from ropo.models.files import save_safetensors, write_atomic
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import has_lora
@@ -104,19 +103,25 @@ def _write_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state()
     save_safetensors(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
-    maybe_crash("checkpoint")
-    files = sorted(p.name for p in tmp.iterdir())
+    write_manifest(tmp, state)
+    _fsync_dir_files(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the whole directory at once; the manifest inside vouches for it
+    write_atomic(root / "LATEST", name, sync=True)
+    _prune(root, keep=keep_last, current=name)
+
+
+def write_manifest(directory: Path, state: dict[str, Any]) -> None:
+    """The manifest of a checkpoint being written: the sha256 of every file already in
+    `directory`, and the run that wrote it (`state`'s run id and config). Written after every
+    other file, it is what makes the checkpoint complete (verify_checkpoint)."""
+    files = sorted(p.name for p in directory.iterdir())
     manifest = {
         "run_id": state.get("run_id"),
         "config": state.get("config"),
-        "files": {name: file_sha256(tmp / name) for name in files},
+        "files": {name: file_sha256(directory / name) for name in files},
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync_dir_files(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_atomic(root / "LATEST", name)
-    _prune(root, keep=keep_last, current=name)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 class DamagedCheckpoint(ValueError):
@@ -261,15 +266,6 @@ def _fsync_dir_files(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep: int, current: str) -> None:

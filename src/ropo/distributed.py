@@ -1,7 +1,8 @@
 """Several processes, one run: the plumbing `train.py` needs under torchrun (FSDP2, gloo or NCCL).
 
-Sits just before checkpoint.py, step.py, run_setup.py and train.py, which alone import it. In one
-process (no torchrun, or WORLD_SIZE=1) every helper is the identity or the single-process call.
+Sits just before checkpoint.py, step.py and the run modules after them (training_run.py,
+policy.py, saving.py, run_setup.py, train.py), which alone import it. In one process (no
+torchrun, or WORLD_SIZE=1) every helper is the identity or the single-process call.
 
 Under `torchrun --nproc_per_node W -m ropo train ...` every rank reads the same pairs and builds
 the same step order. The policy is sharded with FSDP2 (`fully_shard` per block, then the root).

@@ -25,9 +25,10 @@ from ropo.logps import PairLogps
 from ropo.logps_fused import score_pairs
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import load_chat_format
+from ropo.models.config import read_model_config
+from ropo.models.files import write_atomic
 from ropo.presets import resolve_inputs, resolve_model
-from ropo.resources import pick_device
-from ropo.run_setup import check_vocab
+from ropo.resources import check_vocab, pick_device
 
 
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
@@ -57,10 +58,10 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     result["per_pair_file"] = str(per_pair_file) if per_pair_file else None
     if per_pair_file is not None:
         records = per_pair_records(ids, policy, reference, settings.beta)
-        _write_atomically(per_pair_file, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(per_pair_file, "".join(json.dumps(r) + "\n" for r in records))
     text = json.dumps(result, indent=1) + "\n"
     if out is not None:
-        _write_atomically(out, text)
+        write_atomic(out, text)  # never a cut-short results file that looks complete
     for_people = sys.stdout if out is not None else sys.stderr  # stdout: the JSON alone
     if chat.note:
         print(chat.note, file=for_people)
@@ -73,8 +74,8 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
 def check_same_tokenizer(tokenizer: Tokenizer, model_dir: Path, reference_dir: Path) -> None:
     """ValueError unless both models can read the policy's token ids: log-probs of two
     tokenisations of the same text are not comparable."""
-    check_vocab(tokenizer, model_dir)
-    check_vocab(tokenizer, reference_dir)
+    for directory in (model_dir, reference_dir):
+        check_vocab(tokenizer, read_model_config(directory), directory)
     ours, theirs = tokenizer.model_file, reference_dir / tokenizer.model_file.name
     if theirs.is_file() and theirs.read_bytes() != ours.read_bytes():
         raise ValueError(
@@ -156,10 +157,3 @@ def _check_out(out: Path) -> None:
         raise FileNotFoundError(f"{out.parent}: no such directory, so out={out} cannot be written")
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"{out.parent}: not writable, so out={out} cannot be written")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Never a cut-short results file that looks complete.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

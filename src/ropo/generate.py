@@ -24,12 +24,12 @@ from ropo.generate_layouts import Conversation, Response, write_responses
 from ropo.generate_prompts import PromptRecord, read_prompts
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import PLAIN, ChatFormat, load_chat_format
+from ropo.models.config import read_model_config
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 from ropo.presets import resolve_model
 from ropo.progress import PlainProgress, progress_bar
-from ropo.resources import pick_device
-from ropo.run_setup import DTYPES, check_vocab
+from ropo.resources import DTYPES, check_vocab, pick_device
 
 
 @dataclass
@@ -50,7 +50,7 @@ def run_generate(cfg: GenerateSettings) -> GenerationStats:
     _check_out(out, prompts_file)  # before the model loads, not after the generation
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    check_vocab(tokenizer, model_dir)
+    check_vocab(tokenizer, read_model_config(model_dir), model_dir)
     chat = load_chat_format(model_dir, cfg.template, tokenizer)
     if chat.note:
         print(chat.note)

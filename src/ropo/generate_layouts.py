@@ -14,7 +14,6 @@ file that a judge would score. The fields are those the tools read:
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ropo.generate_prompts import PromptRecord
+from ropo.models.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ def write_responses(
 ) -> None:
     """Write `conversations` (in input order, the n samples of a record together) as `layout`."""
     write = {"jsonl": _jsonl, "alpaca_eval": _alpaca_eval, "mt_bench": _mt_bench}[layout]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as file:
-        write(conversations, generator, n, file.write)
-    os.replace(tmp, path)
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as file:
+            write(conversations, generator, n, file.write)
+
+    write_atomic(path, write_file)
 
 
 def _jsonl(conversations: list[Conversation], generator: str, n: int, emit: Callable) -> None:

@@ -27,7 +27,12 @@ from ropo.data import TokenizedPair
 from ropo.logps import PairLogps
 from ropo.logps_fused import score_pairs
 from ropo.models.config import read_model_config
-from ropo.models.files import check_safetensors, require_regular_file, save_safetensors
+from ropo.models.files import (
+    check_safetensors,
+    require_regular_file,
+    save_safetensors,
+    write_atomic,
+)
 from ropo.models.load import load_model
 
 # Bump when the way log-probs are computed changes, so old caches stop matching. v2: one
@@ -230,16 +235,12 @@ def write_cache(path: Path, fingerprint: str, ids: list[str], logps: PairLogps) 
     """Write the log-probs of `ids` to `path`: tensors first, the json vouching for them last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
-        "chosen": logps.chosen,
-        "rejected": logps.rejected,
-        "chosen_tokens": logps.chosen_tokens,
-        "rejected_tokens": logps.rejected_tokens,
+        "chosen": logps.chosen.contiguous(),
+        "rejected": logps.rejected.contiguous(),
+        "chosen_tokens": logps.chosen_tokens.contiguous(),
+        "rejected_tokens": logps.rejected_tokens.contiguous(),
     }
     meta = {"fingerprint": fingerprint, "ids": ids, "convention": LOGP_CONVENTION}
     # The json is written last: a cache counts only when both files exist and agree.
-    tmp = path.with_suffix(".tmp")
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-    tmp_meta = path.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, path.with_suffix(".json"))
+    write_atomic(path, lambda tmp: save_safetensors(tensors, tmp))
+    write_atomic(path.with_suffix(".json"), json.dumps(meta))

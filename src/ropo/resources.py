@@ -1,9 +1,10 @@
-"""Device choice, a memory estimate and size checks made before any weight is loaded.
+"""Device and dtype choice, a memory estimate and size checks made before any weight is loaded.
 
 A 7B run that cannot fit should fail in a second with the arithmetic, not after minutes of
 loading with an out-of-memory error from deep inside torch; so should a max_length beyond the
-model's positions or a LoRA rank beyond its narrowest adapted projection. The estimate is per
-process: FSDP (torchrun) divides what it shards by the number of processes.
+model's positions, a LoRA rank beyond its narrowest adapted projection, or a tokenizer with ids
+the embedding lacks. Every check takes the ModelConfig its caller read once from config.json.
+The estimate is per process: FSDP (torchrun) divides what it shards by the number of processes.
 
 Notation: n parameters, C model width, M MLP width (intermediate_size), r LoRA rank, W processes.
 """
@@ -17,8 +18,10 @@ from pathlib import Path
 import torch
 
 from ropo.config import RunConfig
-from ropo.models.config import ModelConfig, read_model_config
+from ropo.models.config import ModelConfig
+from ropo.models.tokenizer import Tokenizer
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
 
@@ -62,10 +65,20 @@ def lora_params(config: ModelConfig, rank: int, targets: list[str]) -> int:
     return config.n_layers * rank * fans
 
 
-def check_fits(model_dir: Path, cfg: RunConfig) -> None:
+def check_vocab(tokenizer: Tokenizer, config: ModelConfig, model_dir: Path) -> None:
+    """ValueError if the tokenizer has ids the embedding (of `model_dir`'s `config`) lacks."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"{tokenizer.model_file} has {tokenizer.vocab_size} pieces but the "
+            f"model's embedding has {config.vocab_size} rows "
+            f"({model_dir}/config.json vocab_size): they do not belong together"
+        )
+
+
+def check_fits(config: ModelConfig, cfg: RunConfig, model_dir: Path) -> None:
     """ValueError unless max_length is within the model's max_position_embeddings and lora_rank
-    within the narrowest side of every adapted projection (read from `model_dir`/config.json)."""
-    config, config_file = read_model_config(model_dir), model_dir / "config.json"
+    within the narrowest side of every adapted projection (`config`, of `model_dir`)."""
+    config_file = model_dir / "config.json"
     max_length, positions = cfg.data.max_length, config.max_position_embeddings
     if max_length > positions:
         raise ValueError(
@@ -120,18 +133,12 @@ def training_bytes(config: ModelConfig, cfg: RunConfig, world_size: int = 1) -> 
         config, tokens, value_width, model.activation_checkpointing
     )
     if model.autocast == "bfloat16" and width > 2:  # bf16 copies of the weights kept for backward
-        block = _block_params(config)
+        block = config.block_params()
         parts["autocast_copies"] = 2 * (block if model.activation_checkpointing else n_base)
     if world_size > 1:  # embeddings, head and about two blocks gathered at a time
-        root = n_base - config.n_layers * _block_params(config)
-        parts["fsdp_unsharded"] = (root + 2 * _block_params(config)) * width
+        root = n_base - config.n_layers * config.block_params()
+        parts["fsdp_unsharded"] = (root + 2 * config.block_params()) * width
     return parts
-
-
-def _block_params(config: ModelConfig) -> int:
-    C, kv = config.dim, config.n_kv_heads * config.head_dim
-    heads = config.n_heads * config.head_dim
-    return 2 * C * heads + 2 * C * kv + 3 * C * config.intermediate_size + 2 * C
 
 
 def available_bytes(device: torch.device) -> int:
@@ -141,10 +148,11 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(model_dir: Path, cfg: RunConfig, device: torch.device, world_size: int = 1) -> str:
-    """The estimate as one line to print; MemoryError with the same arithmetic when the
-    model cannot be trained on `device` (per process, `world_size` processes)."""
-    config = read_model_config(model_dir)
+def check_memory(
+    config: ModelConfig, cfg: RunConfig, device: torch.device, model_dir: Path, world_size: int = 1
+) -> str:
+    """The estimate as one line to print; MemoryError with the same arithmetic when the model
+    (`config`, of `model_dir`) cannot be trained on `device` (per process, `world_size` of them)."""
     need = training_bytes(config, cfg, world_size)
     total, have = sum(need.values()), available_bytes(device)
     parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items())

@@ -1,9 +1,10 @@
-"""What a run fixes before its loop starts and keeps after it: data, policy, resume and final save.
+"""What `ropo train` fixes before its loop: the pairs (held out, noised, tokenised), the loss, the
+reference log-probs the loop reads, and the loop state, fresh or resumed from a checkpoint.
 
-Sits after step.py (StepSettings, the optimizer) and before resample.py and train.py: train.py
-calls start_run, start_or_resume and save_final, and saves `checkpoint_state` in every checkpoint.
-`ropo sft` (sft.py) shares the parts that do not depend on preference pairs: TrainingRun and
-LoopPosition, the policy source checks, the run identity, the policy and its checkpoints, final/.
+start_run first checks what can fail in a second (run directory, model, tokenizer, memory), then
+reads the data. The policy itself is policy.py's; the run's identity and the position its
+checkpoints save are training_run.py's. Sits after them and after the sampling stage (LoopState
+carries the sampled pairs), just before train.py, which alone calls it.
 """
 
 from __future__ import annotations
@@ -11,33 +12,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from ropo import audit, distributed, run_dir
-from ropo.checkpoint import latest_checkpoint, load_adapters, load_checkpoint
-from ropo.config import RunConfig, RunDirSettings
+from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
+from ropo.filter.rejection import SampledPair, SamplingSettings
 from ropo.heldout import HeldoutPairs, heldout_inputs, prepare_heldout, split_heldout
 from ropo.loss import PreferenceLoss, get_loss
-from ropo.models import Tokenizer, load_model, load_tokenizer
+from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
-from ropo.models.config import read_model_config
-from ropo.models.export import TokenizerExport, write_tokenizer_files
-from ropo.models.llama import Transformer
-from ropo.models.load import checkpoint_dtype, save_weights
-from ropo.models.lora import apply_lora, is_adapter, merged_weights
-from ropo.models.peft_export import save_peft_adapters
-from ropo.presets import resolve_data, resolve_inputs, resolve_model
-from ropo.ref_cache import check_reference_model, fingerprint_model_dir, fingerprint_pairs
-from ropo.resources import check_fits, check_memory
-from ropo.sft_config import SftConfig
-from ropo.step import StepSettings, make_optimizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RunKind = TypeVar("RunKind", bound="TrainingRun")  # TrainingRun.start returns the class it is on
+from ropo.policy import Learner, policy_and_optimizer, policy_source
+from ropo.presets import resolve_data, resolve_model
+from ropo.ref_cache import RefLogps, check_reference_model, fingerprint_pairs, reference_logps
+from ropo.step import autocast, round_epochs
+from ropo.training_run import LoopPosition, TrainingRun, identify_run
 
 
 @dataclass
@@ -52,73 +44,14 @@ class Dataset:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainingRun:
-    """What a training command (`ropo train`, `ropo sft`) fixes before its loop: settings,
-    places, the policy's source and tokenizer, and how every step runs."""
-
-    cfg: RunConfig | SftConfig
-    out: Path
-    identity: run_dir.RunIdentity  # run id (in run.json and every checkpoint), inputs, resume
-    model_dir: Path
-    tokenizer: Tokenizer
-    dtype: torch.dtype
-    step: StepSettings
-    base_sha256: str = ""  # with LoRA: fingerprint of the frozen base that checkpoints rely on
-    # How long each checkpoint write of this process took; on SIGTERM the last one decides
-    # whether another fits in the grace period.
-    checkpoint_seconds: list[float] = field(default_factory=list)
-
-    @property
-    def tokenizer_files(self) -> TokenizerExport:
-        """How the run tokenised, written beside saved weights (final/ and checkpoints)."""
-        chat = load_chat_format(self.model_dir, self.cfg.data.template, self.tokenizer)
-        return TokenizerExport(self.tokenizer, chat)
-
-    @classmethod
-    def start(
-        cls: type[RunKind],
-        cfg: RunConfig | SftConfig,
-        out: Path,
-        identity: run_dir.RunIdentity,
-        model_dir: Path,
-        tokenizer: Tokenizer,
-        device: torch.device,
-        **fields: Any,
-    ) -> RunKind:
-        """The run, with what follows from the settings alike for every command (weights dtype,
-        step settings, the LoRA base's fingerprint); `fields` are the command's own."""
-        autocast = DTYPES.get(cfg.model.autocast)
-        return cls(
-            cfg=cfg,
-            out=out,
-            identity=identity,
-            model_dir=model_dir,
-            tokenizer=tokenizer,
-            dtype=DTYPES[cfg.model.dtype],
-            step=StepSettings(tokenizer.pad_id, cfg.optim.max_grad_norm, device, autocast),
-            base_sha256=fingerprint_model_dir(model_dir) if cfg.model.lora_rank else "",
-            **fields,
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
 class Run(TrainingRun):
-    """A `ropo train` run: also its pairs, the loss and the frozen reference's directory."""
+    """A `ropo train` run: also its pairs, the loss, the frozen reference's directory and how
+    rejection sampling (if on) draws new pairs."""
 
     data: Dataset
     loss_fn: PreferenceLoss
     reference_dir: Path  # the model directory unless reference= names another
-
-
-@dataclass
-class LoopPosition:
-    """Where a training loop is, in optimizer steps; saved in every checkpoint so that `resume`
-    continues exactly. `ropo sft` keeps this; `ropo train` adds its rounds (LoopState)."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    n_skipped_nonfinite: int = 0  # steps not applied for a NaN/inf loss or gradient
+    sampling: SamplingSettings
 
 
 @dataclass
@@ -130,10 +63,28 @@ class LoopState(LoopPosition):
     # The global step where the learning-rate schedule began: 0, or where last_round=restart
     # started its fresh policy (step.planned_steps).
     schedule_start: int = 0
-    sampled: list[dict[str, Any]] = field(default_factory=list)  # rejection-sampled pairs
+    sampled: list[SampledPair] = field(default_factory=list)  # trained on in this round
     # Held-out metrics of the policy before round 1, written with round 1's metrics line: kept
     # here so that a run resumed within round 1 writes the same line.
     eval_start: dict[str, float] = field(default_factory=dict)
+
+    def position(self, cfg: RunConfig) -> str:
+        """Where the loop stands, in words (1-based, as on the progress bars)."""
+        where = f"round {self.round_idx + 1}/{cfg.filter.rounds}"
+        if self.epoch >= round_epochs(cfg, self.round_idx):
+            where = f"at the end of {where} (scoring or sampling)"
+            return f"{where}, after global step {self.global_step}"
+        return f"in {where}, epoch {self.epoch + 1}, after global step {self.global_step}"
+
+    def to_record(self) -> dict[str, Any]:
+        """The state as JSON-ready values: the "loop" of a checkpoint's state.json."""
+        return super().to_record() | {"sampled": [pair.to_record() for pair in self.sampled]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> LoopState:
+        """The state a checkpoint saved with to_record."""
+        sampled = [SampledPair.from_record(pair) for pair in record.get("sampled", [])]
+        return cls(**(record | {"sampled": sampled}))
 
 
 def start_run(cfg: RunConfig) -> Run:
@@ -163,21 +114,8 @@ def start_run(cfg: RunConfig) -> Run:
             out, identity, cfg.to_flat_dict(), data_fingerprint, data.summary, eval_ids
         )
     fields = {"data": data, "loss_fn": loss_fn, "reference_dir": reference_dir}
+    fields["sampling"] = sampling_settings(cfg)
     return Run.start(cfg, out, identity, model_dir, tokenizer, device, **fields)
-
-
-def policy_source(cfg: RunConfig | SftConfig, device: torch.device) -> tuple[Path, Tokenizer]:
-    """The policy's model directory and tokenizer, checked to belong together and to fit
-    (positions, LoRA rank, memory on `device`) before any weight is read."""
-    # Weights and data together: a run missing both says so at once, not one per attempt.
-    model_dir, _, _ = resolve_inputs(cfg.model.model, cfg.data.data, cfg.data.format)
-    tokenizer = load_tokenizer(model_dir)
-    check_vocab(tokenizer, model_dir)  # these checks fail in a second, before any slow work
-    check_fits(model_dir, cfg)
-    memory = check_memory(model_dir, cfg, device, distributed.world_size())
-    if is_main():
-        print(memory)
-    return model_dir, tokenizer
 
 
 def reference_model_dir(cfg: RunConfig, model_dir: Path) -> Path:
@@ -194,36 +132,17 @@ def reference_model_dir(cfg: RunConfig, model_dir: Path) -> Path:
     return reference_dir
 
 
-def identify_run(
-    out: Path, settings: RunDirSettings, inputs: dict[str, Any]
-) -> run_dir.RunIdentity:
-    """The run's id, the fingerprints of its `inputs` and, for a resume, its checkpoint.
-
-    A fresh run gets a new id (and with overwrite=true an emptied directory, now that its model
-    and tokenizer have been checked). A resume keeps the id of run.json after checking that every
-    input is still the one recorded there and finding the newest checkpoint of this run that
-    verifies: every refusal comes before anything in the directory is written.
-    """
-    if not settings.resume:
-        if is_main() and settings.overwrite:
-            run_dir.clear(out)
-        return run_dir.RunIdentity(run_dir.new_run_id(), inputs)
-    info = run_dir.read_run_info(out)
-    run_dir.check_inputs_unchanged(out / "run.json", info["inputs"], inputs)
-    checkpoint = latest_checkpoint(out, info["run_id"])
-    return run_dir.RunIdentity(info["run_id"], inputs, info, checkpoint)
-
-
-def check_vocab(tokenizer: Tokenizer, model_dir: Path) -> None:
-    """Raise ValueError if the tokenizer has ids the embedding lacks; reads only config.json, which
-    from_hf also checks for settings we do not support (e.g. rope_scaling)."""
-    config = read_model_config(model_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"{tokenizer.model_file} has {tokenizer.vocab_size} pieces but the "
-            f"model's embedding has {config.vocab_size} rows "
-            f"({model_dir}/config.json vocab_size): they do not belong together"
-        )
+def sampling_settings(cfg: RunConfig) -> SamplingSettings:
+    """How rejection sampling draws and picks: the rs_* keys, beta and the run's seed."""
+    return SamplingSettings(
+        k=cfg.filter.rs_k,
+        beta=cfg.loss.beta,
+        temperature=cfg.filter.rs_temperature,
+        top_p=cfg.filter.rs_top_p,
+        max_new_tokens=cfg.filter.rs_max_new_tokens,
+        pair_rule=cfg.filter.rs_pair_rule,
+        seed=cfg.run.seed,
+    )
 
 
 def loss_params(cfg: RunConfig) -> dict[str, float]:
@@ -263,17 +182,19 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     return Dataset(text, tokens, flips, summary, heldout)
 
 
-def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopState]:
+def start_or_resume(run: Run) -> tuple[Learner, LoopState]:
     """A fresh policy from the model directory, or model, optimizer and state of the last
     checkpoint (`resume`); audit lines written after that checkpoint are cut."""
     out = run.out
     policy, optimizer, loop = policy_and_optimizer(run)
+    learner = Learner(policy, optimizer)
+    del policy, optimizer  # the learner holds the only references: a restart frees them
     if loop is None:
         if is_main():
             for name in ("pairs.jsonl", "metrics.jsonl", "train_log.jsonl", "sampled_pairs.jsonl"):
                 (out / name).unlink(missing_ok=True)
-        return policy, optimizer, LoopState()
-    state = LoopState(**loop)
+        return learner, LoopState()
+    state = LoopState.from_record(loop)
     if is_main():
         print(
             f"resume: {run.identity.checkpoint} (round {state.round_idx + 1}, "
@@ -284,70 +205,21 @@ def start_or_resume(run: Run) -> tuple[Transformer, torch.optim.Optimizer, LoopS
         audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] <= state.round_idx)
         audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
         audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] <= state.round_idx)
-    return policy, optimizer, state
+    return learner, state
 
 
-def policy_and_optimizer(
-    run: TrainingRun,
-) -> tuple[Transformer, torch.optim.Optimizer, dict[str, Any] | None]:
-    """A fresh policy and AdamW with None, or the policy, AdamW and saved loop position (a dict)
-    of the checkpoint the run resumes from."""
-    optimizer_for = lambda model: make_optimizer(model, run.cfg.optim)  # noqa: E731
-    checkpoint = run.identity.checkpoint
-    if checkpoint is None:
-        if run.cfg.run.resume and is_main():
-            print(f"resume: no checkpoint in {run.out} yet, starting from the beginning")
-        policy = build_policy(run)
-        return policy, optimizer_for(policy), None
-    policy, optimizer, saved = load_checkpoint(
-        checkpoint, lambda path: build_policy(run, path), optimizer_for, run.step.device
-    )
-    return policy, optimizer, saved["loop"]
-
-
-def build_policy(run: TrainingRun, checkpoint: Path | None = None) -> Transformer:
-    """The policy to train: weights of the model directory or of `checkpoint`, LoRA adapters
-    when lora_rank > 0 (a checkpoint then holds only them), sharded with FSDP under torchrun."""
-    cfg = run.cfg.model
-    source = checkpoint if checkpoint is not None and not cfg.lora_rank else run.model_dir
-    policy = load_model(source, dtype=run.dtype, device=run.step.device)
-    if cfg.lora_rank:
-        targets = cfg.lora_targets.split(",")
-        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, targets, seed=run.cfg.run.seed)
-        if checkpoint is not None:
-            load_adapters(policy, checkpoint, run.base_sha256)
-    policy.activation_checkpointing = cfg.activation_checkpointing
-    policy.train()
-    return distributed.shard_model(policy)
-
-
-def checkpoint_state(state: LoopPosition, run: TrainingRun) -> dict[str, Any]:
-    """The run state a checkpoint's state.json holds: loop counters and the resolved config."""
-    saved = {
-        "loop": vars(state).copy(),
-        "config": run.cfg.to_flat_dict(),
-        "run_id": run.identity.run_id,
-    }
-    if run.base_sha256:  # a LoRA checkpoint holds adapters for exactly this base model
-        saved["base_model_sha256"] = run.base_sha256
-    return saved
-
-
-def save_final(run: TrainingRun, policy: Transformer) -> None:
-    """<out>/final: the policy in plain Hugging Face layout (LoRA merged) in `save_dtype` (default:
-    the input checkpoint's dtype), the tokenizer files that say how the run tokenised, and with
-    LoRA the adapters in PEFT's layout in final/adapter (a subfolder: transformers would take an
-    adapter_config.json in final/ itself for an adapter to load onto the base model)."""
-    weights = distributed.gather_weights(policy)  # under FSDP every rank takes part
-    if not is_main():
-        return
-    cfg, final = run.cfg.model, run.out / "final"
-    if cfg.lora_rank:
-        adapters = {name: w for name, w in weights.items() if is_adapter(name)}
-        rank, alpha = cfg.lora_rank, cfg.lora_alpha
-        save_peft_adapters(final / "adapter", adapters, rank, alpha, run.model_dir)
-        weights = merged_weights(weights, alpha / rank)
-    dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype else checkpoint_dtype(run.model_dir)
-    # Cast on the way to the CPU, one tensor at a time: no second copy of the model on the GPU.
-    save_weights(policy.config, {name: w.to("cpu", dtype) for name, w in weights.items()}, final)
-    write_tokenizer_files(final, run.tokenizer_files, policy.config.max_position_embeddings)
+def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
+    """Reference log-probs of `pairs` (training or held-out) under the run's reference model
+    (`reference`, else the policy's starting point): read from the cache, or computed once."""
+    # Several processes share the reference scoring; one reads or fills the cache alone.
+    several = distributed.world_size() > 1
+    with autocast(run.step.device, run.step.autocast):
+        return (distributed.shared_reference_logps if several else reference_logps)(
+            run.reference_dir,
+            pairs,
+            run.cfg.run.cache_dir or run.out / "cache",
+            run.cfg.optim.batch_size * 2,
+            run.tokenizer.pad_id,
+            run.dtype,
+            run.step.device,
+        )

@@ -18,7 +18,7 @@ from ropo.distributed import is_main
 from ropo.interrupt import Interrupted
 from ropo.models.llama import Transformer
 from ropo.models.lora import has_lora
-from ropo.run_setup import LoopPosition, TrainingRun, checkpoint_state
+from ropo.training_run import LoopPosition, TrainingRun, checkpoint_state
 
 # A cautious write speed for the estimate before a run's first checkpoint.
 ASSUMED_WRITE_BYTES_PER_S = 200e6

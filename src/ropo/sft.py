@@ -6,8 +6,9 @@
 
 Around the loop everything is `ropo train`'s: the run directory and its lock, run.json with the
 run's id and input fingerprints, checkpoints and an exact resume, Ctrl-C and SIGTERM, LoRA and the
-final save (run_setup.py, saving.py); so are the batch order, the optimizer and the learning-rate
-schedule (step.py). <out>/metrics.jsonl gets one line per optimizer step. One process only.
+final save (training_run.py, policy.py, saving.py); so are the batch order, the optimizer and the
+learning-rate schedule (step.py). <out>/metrics.jsonl gets one line per optimizer step. One
+process only.
 """
 
 from __future__ import annotations
@@ -31,22 +32,16 @@ from ropo.logps_fused import sequence_logps
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.llama import Transformer
+from ropo.policy import policy_and_optimizer, policy_source, save_final
 from ropo.presets import resolve_data
 from ropo.progress import PlainProgress, progress_bar
 from ropo.ref_cache import fingerprint_rows
 from ropo.resources import pick_device
-from ropo.run_setup import (
-    LoopPosition,
-    TrainingRun,
-    identify_run,
-    policy_and_optimizer,
-    policy_source,
-    save_final,
-)
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.sft_config import SftConfig, SftOptimSettings
 from ropo.sft_data import SftExample, load_demonstrations, tokenize_demonstrations
 from ropo.step import StepSettings, apply_step, autocast, clip_gradients, epoch_steps, learning_rate
+from ropo.training_run import LoopPosition, TrainingRun, identify_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +87,7 @@ def sft(cfg: SftConfig) -> Path:
 def start_sft(cfg: SftConfig) -> SftRun:
     """Check what can fail fast (run directory, model, vocab, memory), then read the examples and
     write run.json. The caller holds the run directory's lock; fresh, overwrite and resume follow
-    `ropo train`'s rules (run_setup.identify_run)."""
+    `ropo train`'s rules (training_run.identify_run)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("ropo sft runs in one process; start it without torchrun")
     out = Path(cfg.run.resume or cfg.run.out)
@@ -136,7 +131,7 @@ def start_or_resume_sft(run: SftRun) -> tuple[Transformer, torch.optim.Optimizer
     if loop is None:
         metrics.unlink(missing_ok=True)
         return policy, optimizer, LoopPosition()
-    state = LoopPosition(**loop)
+    state = LoopPosition.from_record(loop)
     print(f"resume: {run.identity.checkpoint} (epoch {state.epoch + 1}, step {state.global_step})")
     audit.truncate_jsonl(metrics, lambda record: record["step"] <= state.global_step)
     return policy, optimizer, state

@@ -17,7 +17,6 @@ from ropo import distributed
 from ropo.config import OptimSettings, RunConfig
 from ropo.data import TokenizedPair
 from ropo.distributed import rank_share, sum_over_ranks
-from ropo.faults import maybe_crash
 from ropo.filter.weights import keep_count
 from ropo.logps import PairLogps
 from ropo.logps_fused import collate_pairs, response_logps
@@ -193,7 +192,6 @@ def apply_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """AdamW at learning rate `lr` with the gradients in place, then clear them."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    maybe_crash("step")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

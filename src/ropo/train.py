@@ -8,13 +8,14 @@
     last_round=restart: the last round trains a fresh policy with plain DPO on the kept pairs
 `loss=dpo rounds=1 rho=0` is plain DPO through the same code. Under torchrun every process runs
 this same loop; distributed.py shards the model, the steps and the scoring, and rank 0 writes.
-Setup, resume and the final save are in run_setup.py; rejection sampling is in resample.py.
+What a run fixes before its loop (its pairs, reference log-probs and loop state, fresh or
+resumed) is run_setup.py's; the policy and its final save are policy.py's; checkpoints on
+schedule and on SIGTERM are saving.py's; rejection sampling is resample.py's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,24 @@ from ropo.config import RunConfig
 from ropo.data import TokenizedPair
 from ropo.distributed import is_main
 from ropo.evaluate import heldout_metrics
-from ropo.faults import maybe_crash
 from ropo.filter.noise_rate import estimate_flip_rate
+from ropo.filter.rejection import SampledPair
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
 from ropo.loss import PreferenceLoss, get_loss
+from ropo.models import load_model
 from ropo.models.llama import Transformer
+from ropo.policy import Learner, save_final
 from ropo.progress import RunProgress, progress_bar
-from ropo.ref_cache import RefLogps, reference_logps
-from ropo.resample import sample_replacements, sampled_pair, sampled_ref_logps
-from ropo.run_setup import LoopState, Run, build_policy, save_final, start_or_resume, start_run
+from ropo.ref_cache import RefLogps
+from ropo.resample import sample_replacements, sampled_record, sampled_ref_logps
+from ropo.run_setup import LoopState, Run, reference, start_or_resume, start_run
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.step import (
     StepStats,
     autocast,
     epoch_steps,
     learning_rate,
-    make_optimizer,
     pair_losses,
     planned_steps,
     policy_preferences,
@@ -69,15 +71,13 @@ def train(cfg: RunConfig) -> Path:
         run = start_run(cfg)
         ref = reference(run, run.data.tokens)
         heldout_ref = reference(run, run.data.heldout.tokens) if run.data.heldout else None
-        policy, optimizer, state = start_or_resume(run)
-        learner = Learner(policy, optimizer)
-        del policy, optimizer  # the learner holds the only references: a restart frees them
+        learner, state = start_or_resume(run)
         ref = ref.extend(sampled_ref_logps(state.sampled)) if state.sampled else ref
         run_bar = RunProgress(cfg.filter.rounds, state.global_step, not is_main())
         try:
             train_rounds(run, learner, ref, state, heldout_ref, run_bar)
         except Interrupted as stop:
-            stop.where = position(state, cfg)
+            stop.where = state.position(cfg)
             raise
         finally:
             run_bar.close()
@@ -87,39 +87,6 @@ def train(cfg: RunConfig) -> Path:
             print(run_summary(run.out, run.data.summary, wall, state.n_skipped_nonfinite))
     distributed.teardown()
     return run.out
-
-
-@dataclass
-class Learner:
-    """The policy being trained and its optimizer: last_round=restart replaces both."""
-
-    policy: Transformer
-    optimizer: torch.optim.Optimizer
-
-
-def position(state: LoopState, cfg: RunConfig) -> str:
-    """Where the loop stands, in words (1-based, as on the progress bars)."""
-    where = f"round {state.round_idx + 1}/{cfg.filter.rounds}"
-    if state.epoch >= round_epochs(cfg, state.round_idx):
-        return f"at the end of {where} (scoring or sampling), after global step {state.global_step}"
-    return f"in {where}, epoch {state.epoch + 1}, after global step {state.global_step}"
-
-
-def reference(run: Run, pairs: list[TokenizedPair]) -> RefLogps:
-    """Reference log-probs of `pairs` (training or held-out) under the run's reference model
-    (`reference`, else the policy's starting point): read from the cache, or computed once."""
-    # Several processes share the reference scoring; one reads or fills the cache alone.
-    several = distributed.world_size() > 1
-    with autocast(run.step.device, run.step.autocast):
-        return (distributed.shared_reference_logps if several else reference_logps)(
-            run.reference_dir,
-            pairs,
-            run.cfg.run.cache_dir or run.out / "cache",
-            run.cfg.optim.batch_size * 2,
-            run.tokenizer.pad_id,
-            run.dtype,
-            run.step.device,
-        )
 
 
 def train_rounds(
@@ -138,7 +105,7 @@ def train_rounds(
         state.eval_start = evaluate_heldout(run, learner.policy, heldout_ref, "held-out, start")
     for round_idx in range(state.round_idx, cfg.filter.rounds):
         kept = state.kept_ids if state.kept_ids is not None else list(by_id)
-        train_pairs = [by_id[i] for i in kept] + [sampled_pair(s) for s in state.sampled]
+        train_pairs = [by_id[i] for i in kept] + [pair.tokens for pair in state.sampled]
         now_at = (round_idx, state.epoch, state.step_in_epoch)
         to_go = steps_to_go(len(by_id), len(train_pairs), *now_at, cfg)
         run_bar.set_total(state.global_step + to_go)
@@ -155,14 +122,12 @@ def train_rounds(
             decision = end_of_round(run, policy, ref, round_idx, extra)
         state.sampled = []
         if cfg.filter.rejection_sampling and round_idx + 1 < cfg.filter.rounds:
-            with autocast(device, run.step.autocast):
-                state.sampled = sample_replacements(run, policy, decision, round_idx)
+            state.sampled = resample(run, policy, decision, round_idx)
             ref = ref.extend(sampled_ref_logps(state.sampled))
         del policy
         if restarts(cfg, round_idx + 1):
             restart_policy(run, learner, state)
         state.round_idx, state.epoch, state.kept_ids = round_idx + 1, 0, list(decision.kept_ids)
-        maybe_crash("round_end")
         save(run, f"round-{round_idx + 1}", learner.policy, learner.optimizer, state)
 
 
@@ -170,9 +135,7 @@ def restart_policy(run: Run, learner: Learner, state: LoopState) -> None:
     """last_round=restart: the last round starts again from the model directory, with a fresh
     AdamW and a learning-rate schedule of its own, so that none of what the earlier rounds
     learned from the flipped pairs they trained on carries into the final policy."""
-    learner.optimizer.state.clear()  # its moments go first: the old and new weights then fit
-    learner.policy = build_policy(run)
-    learner.optimizer = make_optimizer(learner.policy, run.cfg.optim)
+    learner.restart(run)
     state.schedule_start = state.global_step
 
 
@@ -277,6 +240,24 @@ def end_of_round(
         audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids, data.flips)
         tqdm.write(audit.format_metrics(metrics))  # a line of its own, under the progress bars
     return decision
+
+
+def resample(
+    run: Run, policy: Transformer, decision: DropDecision, round_idx: int
+) -> list[SampledPair]:
+    """New pairs for the prompts of the pairs round `round_idx` dropped (resample.py), written
+    to <out>/sampled_pairs.jsonl. The reference model is loaded for this alone, to score the
+    new responses, and freed again."""
+    dropped = set(decision.dropped_ids)
+    pairs = [pair for pair in run.data.tokens if pair.id in dropped]
+    tokenizer, device = run.tokenizer, run.step.device
+    with autocast(device, run.step.autocast):
+        reference = load_model(run.reference_dir, dtype=run.dtype, device=device)
+        sampled = sample_replacements(policy, reference, pairs, round_idx, run.sampling, tokenizer)
+    del reference
+    records = [sampled_record(pair, tokenizer) for pair in sampled]
+    audit.append_jsonl(run.out / "sampled_pairs.jsonl", records)
+    return sampled
 
 
 def log_step(

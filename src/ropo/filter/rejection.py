@@ -16,35 +16,95 @@ probability tends to be one it raised far above the reference, while the right a
 reference already gives most of its mass, can gain at most -log pi_ref(y) (docs/method.md §4).
 The policy's own likelihood has no pi_ref to divide by, so it does not favour rare samples; with
 "+original" it mostly puts the dropped pair back, in the order the policy prefers.
+
+The sampling stage, after the filter: resample.py runs it between rounds, and its SampledPair
+records travel through the next round, its checkpoints (to_record) and the audit file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ropo.data import TokenizedPair
-from ropo.faults import maybe_crash
 from ropo.logps import PairLogps, collate_sequences
 from ropo.logps_fused import sequence_logps
 from ropo.loss import implicit_reward
 from ropo.models.llama import Transformer
 from ropo.models.sample import generate
+from ropo.models.tokenizer import Tokenizer
 from ropo.progress import progress_bar
 
 PAIR_SCORES = ("reward", "likelihood")  # how candidates are ranked; "+original" may follow
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How rejection sampling draws and picks: K samples per prompt (`rs_k`) at `temperature`
+    and `top_p`, at most `max_new_tokens` each, paired by `pair_rule`; beta scales the implicit
+    reward. The samples after round r come from a generator seeded with (seed, r), so a resumed
+    run draws the same ones."""
+
+    k: int
+    beta: float
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    pair_rule: str = "reward"
+    seed: int = 0
+    prompts_per_batch: int = 8
+
+
+@dataclass(frozen=True)
+class SampledPair:
+    """A new pair from rejection sampling, trained on in the next round: its token ids (id
+    "<dropped pair's id>@rs<round index>"), the round after which it was sampled (from 1, as in
+    the audit files) and the summed reference log-probs of its responses, computed when they were
+    picked, so that the reference model need not be loaded again to train on it."""
+
+    tokens: TokenizedPair
+    round: int
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready values: a line of sampled_pairs.jsonl (without the text) and the form a
+        checkpoint's state.json keeps it in."""
+        pair = self.tokens
+        return {
+            "id": pair.id,
+            "round": self.round,
+            "prompt_ids": list(pair.prompt_ids),
+            "chosen_ids": list(pair.chosen_ids),
+            "rejected_ids": list(pair.rejected_ids),
+            "ref_chosen_logp": self.ref_chosen_logp,
+            "ref_rejected_logp": self.ref_rejected_logp,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SampledPair:
+        """The pair `to_record` wrote; other fields (the decoded text) are for people only."""
+        tokens = TokenizedPair(
+            record["id"],
+            tuple(record["prompt_ids"]),
+            tuple(record["chosen_ids"]),
+            tuple(record["rejected_ids"]),
+        )
+        chosen, rejected = float(record["ref_chosen_logp"]), float(record["ref_rejected_logp"])
+        return cls(tokens, record["round"], chosen, rejected)
+
+
 @dataclass
 class SampledPairs:
-    """Pairs built from policy samples, with the log-probs used to pick them (B,) each."""
+    """What rejection_sample found: the new pairs, the policy's summed log-probs of their
+    responses (B,) each, and the prompts that gave no pair, counted by reason."""
 
-    pairs: list[TokenizedPair]
+    pairs: list[SampledPair]
     policy: PairLogps
-    reference: PairLogps
     skipped: dict[str, int] = field(default_factory=dict)
 
 
@@ -53,54 +113,29 @@ def rejection_sample(
     reference: Transformer,
     dropped: Sequence[TokenizedPair],
     round_idx: int,
-    k: int,
-    beta: float,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    generator: torch.Generator,
-    vocab_limit: int | None = None,
-    prompts_per_batch: int = 8,
-    pair_rule: str = "reward",
+    settings: SamplingSettings,
+    tokenizer: Tokenizer,
 ) -> SampledPairs:
-    """One new pair per distinct prompt of `dropped`, id "<pair id>@rs<round>", built by
-    `pair_rule` (module docstring; "reward" is the rule above).
+    """One new pair per distinct prompt of `dropped` (the pairs round `round_idx` dropped), built
+    by `settings.pair_rule` (module docstring; "reward" is the rule above).
 
     Prompts whose candidates are all identical give no pair and are counted in `skipped`.
     """
-    score_name, with_original = parse_pair_rule(pair_rule)
+    score_name, with_original = parse_pair_rule(settings.pair_rule)
+    device = policy.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(settings.seed * 7919 + round_idx)
     unique = list({pair.prompt_ids: pair for pair in dropped}.values())
-    pairs, picked_policy, picked_ref = [], [], []
-    skipped = {"identical_samples": 0}
-    for start in progress_bar(
-        range(0, len(unique), prompts_per_batch),
-        desc="rejection sampling",
-        unit="batch",
-        leave=False,
-    ):
-        group = unique[start : start + prompts_per_batch]
-        prompts = [list(pair.prompt_ids) for pair in group for _ in range(k)]
-        samples = generate(
-            policy,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            generator=generator,
-            vocab_limit=vocab_limit,
-        )
-        maybe_crash("rejection_sampling")
-        samples = [s if s else [eos_id] for s in samples]  # an empty sample is just "stop"
-        candidates = candidate_responses(group, samples, k, with_original)  # G lists of C
-        n_candidates = len(candidates[0])
+    pairs, picked_policy, skipped = [], [], {"identical_samples": 0}
+    batches = range(0, len(unique), settings.prompts_per_batch)
+    for start in progress_bar(batches, desc="rejection sampling", unit="batch", leave=False):
+        group = unique[start : start + settings.prompts_per_batch]
+        samples = draw_samples(policy, group, settings, tokenizer, generator)
+        candidates = candidate_responses(group, samples, settings.k, with_original)  # G lists of C
         policy_logps, ref_logps, n_tokens = score_candidates(
-            policy, reference, group, candidates, pad_id
+            policy, reference, group, candidates, tokenizer.pad_id
         )
-        scores = candidate_scores(score_name, policy_logps, ref_logps, n_tokens, beta)
+        scores = candidate_scores(score_name, policy_logps, ref_logps, n_tokens, settings.beta)
+        n_candidates = len(candidates[0])
         scores = scores.view(len(group), n_candidates)  # (G, C)
         for g, source in enumerate(group):
             best, worst = scores[g].argmax().item(), scores[g].argmin().item()
@@ -108,17 +143,37 @@ def rejection_sample(
             if chosen == rejected:
                 skipped["identical_samples"] += 1
                 continue
-            pairs.append(
-                TokenizedPair(
-                    f"{source.id}@rs{round_idx}", source.prompt_ids, tuple(chosen), tuple(rejected)
-                )
-            )
             rows = torch.tensor([g * n_candidates + best, g * n_candidates + worst])
+            ref_chosen, ref_rejected = ref_logps[rows].float().cpu().tolist()
+            pair_id = f"{source.id}@rs{round_idx}"
+            tokens = TokenizedPair(pair_id, source.prompt_ids, tuple(chosen), tuple(rejected))
+            pairs.append(SampledPair(tokens, round_idx + 1, ref_chosen, ref_rejected))
             picked_policy.append(policy_logps[rows].float().cpu())
-            picked_ref.append(ref_logps[rows].float().cpu())
-    return SampledPairs(
-        pairs, _as_pair_logps(picked_policy, pairs), _as_pair_logps(picked_ref, pairs), skipped
+    return SampledPairs(pairs, _as_pair_logps(picked_policy, pairs), skipped)
+
+
+def draw_samples(
+    policy: Transformer,
+    group: Sequence[TokenizedPair],
+    settings: SamplingSettings,
+    tokenizer: Tokenizer,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """K sampled responses for each prompt of `group`, prompt-major (rows g*K .. g*K+K-1 are
+    prompt g's); an empty sample becomes a lone EOS, a response that just stops."""
+    prompts = [list(pair.prompt_ids) for pair in group for _ in range(settings.k)]
+    samples = generate(
+        policy,
+        prompts,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+        vocab_limit=tokenizer.vocab_size,
     )
+    return [s if s else [tokenizer.eos_id] for s in samples]
 
 
 def parse_pair_rule(pair_rule: str) -> tuple[str, bool]:
@@ -178,8 +233,8 @@ def candidate_scores(
     return implicit_reward(policy_logps, ref_logps, beta)
 
 
-def _as_pair_logps(picked: list[torch.Tensor], pairs: list[TokenizedPair]) -> PairLogps:
+def _as_pair_logps(picked: list[torch.Tensor], pairs: list[SampledPair]) -> PairLogps:
     stacked = torch.stack(picked) if picked else torch.zeros(0, 2)  # (B, 2): chosen, rejected
-    chosen_tokens = torch.tensor([float(len(p.chosen_ids)) for p in pairs])
-    rejected_tokens = torch.tensor([float(len(p.rejected_ids)) for p in pairs])
+    chosen_tokens = torch.tensor([float(len(p.tokens.chosen_ids)) for p in pairs])
+    rejected_tokens = torch.tensor([float(len(p.tokens.rejected_ids)) for p in pairs])
     return PairLogps(stacked[:, 0], stacked[:, 1], chosen_tokens, rejected_tokens)

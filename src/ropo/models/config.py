@@ -1,8 +1,9 @@
 """The model's hyperparameters: config.json -> ModelConfig -> Transformer (models/llama.py).
 
-load.py and the run's early checks read a checkpoint's config.json with read_model_config
-(ModelConfig.from_hf) and save_model writes it back with to_hf; unsupported Hugging Face settings
-and fields of the wrong JSON type are refused here, before any weight is built.
+load.py and a run's early checks (policy.py: once, for all of them) read a checkpoint's
+config.json with read_model_config (ModelConfig.from_hf), and save_model writes it back with
+to_hf; unsupported Hugging Face settings and fields of the wrong JSON type are refused here,
+before any weight is built.
 """
 
 from collections.abc import Callable
@@ -169,11 +170,15 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count; a tied LM head is counted once."""
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.n_layers * self.block_params() + self.dim  # + the final norm
+
+    def block_params(self) -> int:
+        """Parameters of one transformer block: attention, the SwiGLU MLP and its two norms."""
         C, HD, KD = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attention = C * HD + 2 * C * KD + HD * C
         mlp = 3 * C * self.intermediate_size
-        embeddings = self.vocab_size * C * (1 if self.tie_word_embeddings else 2)
-        return embeddings + self.n_layers * (attention + mlp + 2 * C) + C
+        return attention + mlp + 2 * C
 
 
 def read_model_config(model_dir: str | Path) -> ModelConfig:

@@ -1,6 +1,6 @@
 """The files beside saved weights that make Hugging Face tools tokenise as the run trained.
 
-`run_setup.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
+`policy.save_final` (for `<out>/final`) and `checkpoint.py` (for every full checkpoint) call
 write_tokenizer_files after the weights. Without them transformers' AutoTokenizer guesses, and
 drops the BOS that every training sequence started with. `tokenizer_config.json` holds the chat
 template of the run: the model's own (template=auto), or chat_templates.py's Jinja of the named
@@ -32,7 +32,6 @@ split of its tokenizer.json, and "\n 4" becomes other ids).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 
 from ropo.models.chat_format import ChatFormat
 from ropo.models.chat_templates import jinja_template
+from ropo.models.files import write_atomic
 from ropo.models.hf_tokenizer import HFTokenizer
 from ropo.models.spm_tokenizer import SentencePieceTokenizer
 from ropo.models.tokenizer import Tokenizer
@@ -151,12 +151,8 @@ def _token_entry(tokenizer: SentencePieceTokenizer, token_id: int) -> dict[str, 
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _write_json(target: Path, data: dict) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

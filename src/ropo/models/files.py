@@ -1,9 +1,11 @@
-"""Checkpoint files checked before they are read: regular files, JSON named by file:line, and
-safetensors files whose size matches their header.
+"""Files checked before they are read (regular files, JSON named by file:line, safetensors files
+whose size matches their header), and files written so that no reader ever sees half of one.
 
 config.py, load.py and tokenizer.py read through these, and ref_cache.py checks the weights before
 it hashes them: a FIFO or a link to /dev/zero would make a read hang or never end, and a damaged
 file would otherwise fail deep inside json or safetensors without saying which file it was.
+Every file ropo writes for later reading (weights, run.json, audit files, caches) goes through
+`write_atomic`; this module comes first in the data flow, so every stage can.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +116,29 @@ def save_safetensors(
     umask = os.umask(0)  # the only way to read the umask is to set it
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def write_atomic(
+    path: Path, content: str | bytes | Callable[[Path], object], sync: bool = False
+) -> None:
+    """Write `content` to `path` through a temporary file beside it, renamed into place last: a
+    reader, or a run resumed after a crash, finds the old file or the whole new one, never a
+    cut-short one. `content` is text (UTF-8), bytes, or a function that writes the file at the
+    path it is given; if it raises, the temporary file is removed. `sync` puts the bytes on disk
+    before the rename (for a pointer such as a checkpoint's LATEST, which must not outlive them).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        elif isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            content(tmp)
+        if sync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

@@ -5,16 +5,14 @@ writes it back with save_model. The only module that knows Hugging Face tensor n
 """
 
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ropo.models.config import ModelConfig, read_model_config
-from ropo.models.files import check_safetensors, read_json, save_safetensors
+from ropo.models.files import check_safetensors, read_json, save_safetensors, write_atomic
 from ropo.models.kernels import use_fast_kernels
 from ropo.models.llama import Transformer
 
@@ -243,7 +241,7 @@ def save_weights(
     weight_map = {}
     for filename, names in zip(filenames, shards, strict=True):
         shard = {name: tensors[name].to("cpu").contiguous() for name in names}
-        _write_atomically(
+        write_atomic(
             path / filename, lambda tmp, s=shard: save_safetensors(s, tmp, {"format": "pt"})
         )
         weight_map.update(dict.fromkeys(names, filename))
@@ -278,11 +276,5 @@ def _remove_stale_weights(path: Path, keep: set[str]) -> None:
             file.unlink(missing_ok=True)
 
 
-def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
-
-
 def _write_json(target: Path, data: dict) -> None:
-    _write_atomically(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    write_atomic(target, json.dumps(data, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's layout, so `peft.PeftModel.from_pretrained(base, dir)` loads them.
 
-`run_setup.save_final` writes them into `<out>/final/adapter` beside the merged weights. Our
+`policy.save_final` writes them into `<out>/final/adapter` beside the merged weights. Our
 adapters (lora.py) are PEFT's without any reshaping: lora_a (r, fan_in) is PEFT's lora_A.weight,
 lora_b (fan_out, r) its lora_B.weight, the scale alpha / r its `scaling` (use_rslora=false), and
 the projections are in Hugging Face's layout already (load.py renames, it never permutes).
@@ -9,12 +9,11 @@ the projections are in Hugging Face's layout already (load.py renames, it never 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from ropo.models.files import save_safetensors
+from ropo.models.files import save_safetensors, write_atomic
 from ropo.models.load import OURS_TO_HF, rename
 from ropo.models.lora import ADAPTER_NAMES
 
@@ -64,9 +63,8 @@ def save_peft_adapters(
         "alpha_pattern": {},
     }
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".adapter_model.safetensors.tmp"
-    save_safetensors(tensors, tmp, {"format": "pt"})
-    os.replace(tmp, path / "adapter_model.safetensors")
-    tmp = path / ".adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, path / "adapter_config.json")
+    write_atomic(
+        path / "adapter_model.safetensors",
+        lambda tmp: save_safetensors(tensors, tmp, {"format": "pt"}),
+    )
+    write_atomic(path / "adapter_config.json", json.dumps(config, indent=2) + "\n")
