@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ropo.models import Transformer, generate, load_model
 
@@ -74,14 +75,39 @@ def transformers_greedy(hf: Any, prompts: list[list[int]], new_tokens: int) -> l
     return out[:, ids.shape[1] :].tolist()  # (B, new_tokens)
 
 
-def first_difference(ours: list[list[int]], theirs: list[list[int]]) -> str | None:
-    """None when both sides decoded the same tokens; else where they first part."""
+def transformers_margins(
+    hf: Any, prompts: list[list[int]], new_tokens: int
+) -> tuple[list[list[int]], Tensor]:
+    """transformers' greedy tokens, as transformers_greedy, and at each its logit's lead over the
+    runner-up (B, new_tokens): how near a tie each choice was, to tell rounding from a bug."""
+    from transformers import GenerationConfig
+
+    ids = torch.tensor(prompts)  # (B, P)
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=hf.config.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    top2 = torch.stack(out.logits, dim=1).topk(2, dim=-1).values  # (B, new_tokens, 2)
+    return out.sequences[:, ids.shape[1] :].tolist(), top2[..., 0] - top2[..., 1]
+
+
+def first_difference(
+    ours: list[list[int]], theirs: list[list[int]], margins: Tensor | None = None
+) -> str | None:
+    """None when both sides decoded the same tokens; else where they first part (and by how
+    much transformers' choice led there, given its `margins` from transformers_margins)."""
     if len(ours) != len(theirs):
         return f"{len(ours)} rows against transformers' {len(theirs)}"
     for row, (mine, other) in enumerate(zip(ours, theirs, strict=True)):
         for position, (a, b) in enumerate(zip(mine, other, strict=False)):  # lengths: below
             if a != b:
-                return f"row {row}, new token {position}: ours {a}, transformers {b}"
+                lead = "" if margins is None else f" (its lead: {margins[row, position]:.2g})"
+                return f"row {row}, new token {position}: ours {a}, transformers {b}{lead}"
         if len(mine) != len(other):
             return f"row {row}: {len(mine)} new tokens against transformers' {len(other)}"
     return None
@@ -184,21 +210,21 @@ def run_decoding(model_dir: Path, workload: DecodeWorkload, repeats: int) -> dic
     """Load both sides from `model_dir`, check their greedy tokens, then time them in turn.
 
     The equality check runs first and doubles as both sides' warm-up; "first_difference" says
-    where they part when they do (the caller fails the bench then).
+    where they part when they do (the caller fails the bench then), "smallest_margin" how near
+    a tie the closest of transformers' choices was.
     """
     ours = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
     hf = load_transformers(model_dir)
     prompts = make_prompts(workload, ours.config.vocab_size, ours.config.bos_token_id or 1)
-    difference = first_difference(
-        ours_greedy(ours, prompts, workload.new_tokens),
-        transformers_greedy(hf, prompts, workload.new_tokens),
-    )
+    theirs, margins = transformers_margins(hf, prompts, workload.new_tokens)
+    difference = first_difference(ours_greedy(ours, prompts, workload.new_tokens), theirs, margins)
     seconds = time_both(ours, hf, prompts, workload, repeats)
     bandwidth = copy_bandwidth()
     summary = summarize(seconds, workload, decode_bytes_per_step(ours, workload), bandwidth)
     return {
         "same_tokens": difference is None,
         "first_difference": difference,
+        "smallest_margin": margins.min().item(),
         "workload": vars(workload),
         "seconds": seconds,
     } | summary

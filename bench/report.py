@@ -111,6 +111,7 @@ def print_decoding(decoding: dict | None) -> None:
         f"      ours/transformers: new tokens/s x{decoding['new_tokens_per_s_vs_transformers']:.2f}"
         f", decode steps x{decoding['decode_tokens_per_s_vs_transformers']:.2f}; greedy tokens "
         + ("identical" if decoding["same_tokens"] else "DIFFER")
+        + f" (closest call: a lead of {decoding['smallest_margin']:.2g} in transformers' logits)"
     )
     if not decoding["same_tokens"]:
         print(f"FAILED: greedy tokens differ from transformers': {decoding['first_difference']}")

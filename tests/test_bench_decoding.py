@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from transformers import GenerationConfig
 
 from model_fixtures import hf_model, randomize_, save_hf
@@ -57,6 +58,8 @@ def test_greedy_tokens_equal_transformers(decoding: ModuleType, models: tuple) -
     mine = decoding.ours_greedy(ours, prompts, workload.new_tokens)
     assert [len(row) for row in theirs] == [12, 12, 12]
     assert decoding.first_difference(mine, theirs) is None
+    same, margins = decoding.transformers_margins(hf, prompts, workload.new_tokens)
+    assert same == theirs and margins.shape == (3, 12) and bool((margins >= 0).all())
 
 
 def test_the_checkpoints_eos_does_not_end_their_rows(
@@ -91,6 +94,10 @@ def test_first_difference_names_row_position_and_length(decoding: ModuleType) ->
         decoding.first_difference([[5]], [[5, 6]]) == "row 0: 1 new tokens against transformers' 2"
     )
     assert decoding.first_difference([[5]], [[5], [6]]) == "1 rows against transformers' 2"
+    margins = torch.tensor([[0.5, 0.25], [0.125, 3e-6]])
+    assert decoding.first_difference([[5, 6], [7, 9]], [[5, 6], [7, 8]], margins) == (
+        "row 1, new token 1: ours 9, transformers 8 (its lead: 3e-06)"
+    )
 
 
 def test_bytes_per_step_count_weights_once_and_the_live_cache(
