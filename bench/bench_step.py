@@ -235,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-repeats", type=int, default=1, help="timed epochs, real shapes")
     parser.add_argument("--decode-repeats", type=int, default=3, help="timed decodes per side")
     parser.add_argument("--skip-decoding", action="store_true", help="training steps only")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="none: decoding only",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument(
         "--budget", type=float, default=360, help="seconds for the timed epochs of the toys"
