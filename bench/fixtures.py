@@ -34,7 +34,22 @@ BASE = {
     "pad_token_id": PAD_ID,
     "tie_word_embeddings": False,
 }
-VARIANTS = {"mha": {}, "gqa": {"num_key_value_heads": 2}}
+VARIANTS = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    # SmolLM2-135M's shape (its config.json; head size 576 / 9 = 64), random weights.
+    "smollm2": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,21 @@ class Workload:
         return 2 * self.pairs_per_step * (self.prompt_tokens + self.response_tokens)
 
 
+# A real model's shape at lengths a 2-core CPU steps through in seconds; 3 steps for the guard.
+WORKLOADS = {
+    "smollm2": Workload(num_pairs=12, pairs_per_step=4, prompt_tokens=128, response_tokens=128)
+}
+
+
+def workload_of(variant: str) -> Workload:
+    """The workload a variant is timed on: the toy shapes share the default one."""
+    return WORKLOADS.get(variant, Workload())
+
+
+def vocab_of(variant: str) -> int:
+    return (BASE | VARIANTS[variant])["vocab_size"]
+
+
 def write_model(out: Path, variant: str, seed: int = 0) -> Path:
     """Save a randomly initialised transformers Llama (fp32, HF layout) to `out`."""
     from transformers import LlamaConfig, LlamaForCausalLM  # only the parent needs transformers
@@ -63,10 +93,9 @@ def write_model(out: Path, variant: str, seed: int = 0) -> Path:
     return out
 
 
-def make_pairs(workload: Workload) -> list[TokenizedPair]:
+def make_pairs(workload: Workload, vocab: int = BASE["vocab_size"]) -> list[TokenizedPair]:
     """Random pairs: BOS + prompt, responses ending in EOS; chosen and rejected always differ."""
     generator = torch.Generator().manual_seed(workload.seed)
-    vocab = BASE["vocab_size"]
 
     def draw(n: int) -> tuple[int, ...]:
         return tuple(torch.randint(3, vocab, (n,), generator=generator).tolist())

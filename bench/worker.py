@@ -1,6 +1,7 @@
 """One side of the benchmark in a process of its own, so that its peak memory is its own.
 
-    python bench/worker.py {trl,dpo,ropo} MODEL_DIR [--warmup 1] [--steps 4] [--threads N]
+    python bench/worker.py {trl,dpo,ropo} MODEL_DIR [--variant mha] [--warmup 1] [--steps 4]
+                           [--threads N]
 
 Builds the side exactly as bench_step.py does (TRL: trainer with precomputed reference; ours:
 reference cache, policy, AdamW), takes a few steps and prints one JSON line: peak resident memory
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fixtures import BETA, Workload, make_pairs, step_batches
+from fixtures import BETA, VARIANTS, Workload, make_pairs, step_batches, vocab_of, workload_of
 
 
 def memory_mb() -> dict[str, float]:
@@ -60,10 +61,10 @@ def measure(step: Callable[[int], Any], warmup: int, steps: int) -> dict[str, An
     }
 
 
-def trl_stepper(model_dir: Path, workload: Workload) -> Callable[[int], Any]:
+def trl_stepper(model_dir: Path, workload: Workload, vocab: int) -> Callable[[int], Any]:
     from trl_side import build_trainer, trl_examples, trl_step
 
-    pairs = make_pairs(workload)
+    pairs = make_pairs(workload, vocab)
     trainer = build_trainer(model_dir, pairs, workload)
     examples = trl_examples(trainer, pairs)
     size = workload.pairs_per_step
@@ -71,12 +72,14 @@ def trl_stepper(model_dir: Path, workload: Workload) -> Callable[[int], Any]:
     return lambda k: trl_step(trainer, batches[k % len(batches)])
 
 
-def our_stepper(model_dir: Path, workload: Workload, loss_name: str) -> Callable[[int], Any]:
+def our_stepper(
+    model_dir: Path, workload: Workload, vocab: int, loss_name: str
+) -> Callable[[int], Any]:
     from our_side import build_ours, our_step
 
     from ropo.loss import get_loss
 
-    pairs = make_pairs(workload)
+    pairs = make_pairs(workload, vocab)
     cache_dir = Path(tempfile.mkdtemp(prefix="ropo-bench-cache-"))
     side = build_ours(model_dir, pairs, cache_dir, workload.pairs_per_step)
     loss_fn = get_loss(loss_name, beta=BETA)
@@ -88,17 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=("trl", "dpo", "ropo"))
     parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--variant", choices=list(VARIANTS), default="mha", help="its workload")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    workload = Workload()
+    workload, vocab = workload_of(args.variant), vocab_of(args.variant)
     if args.side == "trl":
-        step = trl_stepper(args.model_dir, workload)
+        step = trl_stepper(args.model_dir, workload, vocab)
     else:
-        step = our_stepper(args.model_dir, workload, args.side)
+        step = our_stepper(args.model_dir, workload, vocab, args.side)
     result = measure(step, args.warmup, args.steps)
     modules = sorted(m for m in ("transformers", "trl", "datasets") if m in sys.modules)
     result |= {"side": args.side, "threads": torch.get_num_threads(), "imported": modules}
