@@ -20,8 +20,8 @@ def test_builtin_settings_are_checked(capsys: pytest.CaptureFixture) -> None:
 def no_builtin_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Stands in for the built-in runs (minutes each) and records what would have run."""
     calls: list[tuple] = []
-    monkeypatch.setattr("ropo.task.pipeline.run_builtin", lambda *args: calls.append(args))
-    monkeypatch.setattr("ropo.task.pipeline.run_sweep", lambda *args: calls.append(args))
+    monkeypatch.setattr("ropo_builtin.pipeline.run_builtin", lambda *args: calls.append(args))
+    monkeypatch.setattr("ropo_builtin.pipeline.run_sweep", lambda *args: calls.append(args))
     return calls
 
 
@@ -74,7 +74,7 @@ def test_good_builtin_settings_reach_the_pipeline(no_builtin_run: list[tuple]) -
 
 def test_train_alone_runs_the_builtin_task(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr("ropo.task.pipeline.main", lambda words: calls.append(words) or 0)
+    monkeypatch.setattr("ropo_builtin.pipeline.main", lambda words: calls.append(words) or 0)
     assert main(["train"]) == 0
     assert calls == [[]]
 

@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import ropo.task.stages as stages
+import ropo_builtin.stages as stages
 from ropo.cli import main
 from ropo.data import load_pairs
 from ropo.logps import PairLogps
-from ropo.task import stage_cache
-from ropo.task.evaluate import noise_identification, preference_accuracy, win_rate
-from ropo.task.pairs import build_pairs
-from ropo.task.pipeline import run_builtin, run_sweep
-from ropo.task.settings import TaskSettings, parse_settings
-from ropo.task.sorting import correct_response, gold_reward, make_task
-from ropo.task.stage_cache import run_stage
-from ropo.task.stages import run_dir_for
+from ropo_builtin import stage_cache
+from ropo_builtin.evaluate import noise_identification, preference_accuracy, win_rate
+from ropo_builtin.pairs import build_pairs
+from ropo_builtin.pipeline import run_builtin, run_sweep
+from ropo_builtin.settings import TaskSettings, parse_settings
+from ropo_builtin.sorting import correct_response, gold_reward, make_task
+from ropo_builtin.stage_cache import run_stage
+from ropo_builtin.stages import run_dir_for
 
 
 def test_gold_reward_counts_right_positions_over_the_longer_list() -> None:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ropo.config_load import load_config
-from ropo.task.pipeline import sweep_plan
-from ropo.task.runs import PlannedRun
-from ropo.task.settings import METHOD_LABELS, TaskSettings, parse_settings
-from ropo.task.stages import method_overrides
-from ropo.task.stats import (
+from ropo_builtin.pipeline import sweep_plan
+from ropo_builtin.runs import PlannedRun
+from ropo_builtin.settings import METHOD_LABELS, TaskSettings, parse_settings
+from ropo_builtin.stages import method_overrides
+from ropo_builtin.stats import (
     Resamples,
     draw_resamples,
     mean_interval,
@@ -23,8 +23,8 @@ from ropo.task.stats import (
     recovered_share,
     resampled_means,
 )
-from ropo.task.sweep_stats import sweep_statistics
-from ropo.task.tables import filtering_table, sweep_findings, sweep_table
+from ropo_builtin.sweep_stats import sweep_statistics
+from ropo_builtin.tables import filtering_table, sweep_findings, sweep_table
 
 
 def test_every_method_is_a_valid_ropo_train_run() -> None:

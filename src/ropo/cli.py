@@ -210,7 +210,8 @@ def _convert_gguf(gguf_file: str, out_dir: str) -> None:
 def _run_builtin(settings: list[str]) -> int:
     try:
         with interrupt.handled():  # the pipeline reports an interrupted stage itself
-            from ropo.task.pipeline import main as builtin_main  # matplotlib etc. only when needed
+            # Only here: the demo sits beside the library, which never imports it (nor matplotlib).
+            from ropo_builtin.pipeline import main as builtin_main
 
             return builtin_main(settings)
     except interrupt.Interrupted as stop:  # still loading: nothing was written yet

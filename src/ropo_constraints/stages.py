@@ -16,8 +16,8 @@ import ropo_constraints
 from ropo.config_load import load_config
 from ropo.generate import run_generate
 from ropo.generate_config import GenerateSettings
-from ropo.task.stage_cache import StageResult, run_stage
 from ropo.train import train
+from ropo_builtin.stage_cache import StageResult, run_stage
 from ropo_constraints.evaluate import score_responses
 from ropo_constraints.pairs import build_pairs, read_responses, responses_of, write_pairs
 from ropo_constraints.prompts import make_prompts, read_prompts, write_prompts
@@ -32,7 +32,7 @@ EVAL_KEYS = ("model", "template", "device", "dtype", "max_new_tokens", "gen_batc
 @functools.cache
 def task_fingerprint() -> str:
     """Hash of this package's .py files: a stage computed by other task code is rerun (ropo's
-    own source is in every stage's key already, see ropo.task.stage_cache)."""
+    own source is in every stage's key already, see ropo_builtin.stage_cache)."""
     root = Path(ropo_constraints.__file__).parent
     digest = hashlib.sha256()
     for path in sorted(root.glob("*.py")):

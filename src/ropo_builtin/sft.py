@@ -19,7 +19,7 @@ from ropo.config_load import load_config
 from ropo.models import ModelConfig, Tokenizer, Transformer, save_model
 from ropo.sft import sft
 from ropo.sft_config import SftConfig
-from ropo.task.settings import TaskSettings
+from ropo_builtin.settings import TaskSettings
 
 
 def tiny_llama_config(

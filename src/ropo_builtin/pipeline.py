@@ -20,12 +20,12 @@ import torch
 from ropo.data import load_pairs
 from ropo.interrupt import Interrupted
 from ropo.resources import pick_device
-from ropo.task import evaluate, report, tables
-from ropo.task.runs import PlannedRun, Prepared, run_plan
-from ropo.task.settings import TaskSettings, equals_dpo, parse_settings
-from ropo.task.stage_cache import stage_seconds
-from ropo.task.stages import load_task, sft_model, stage_eval, stage_pairs, stage_sft, stage_task
-from ropo.task.sweep_stats import sweep_statistics
+from ropo_builtin import evaluate, report, tables
+from ropo_builtin.runs import PlannedRun, Prepared, run_plan
+from ropo_builtin.settings import TaskSettings, equals_dpo, parse_settings
+from ropo_builtin.stage_cache import stage_seconds
+from ropo_builtin.stages import load_task, sft_model, stage_eval, stage_pairs, stage_sft, stage_task
+from ropo_builtin.sweep_stats import sweep_statistics
 
 
 def prepare(s: TaskSettings, out: Path) -> Prepared:
@@ -134,7 +134,7 @@ def _write_results(out: Path, filename: str, results: dict[str, Any], table: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ropo.task.pipeline [out=DIR] [sweep=true] [setting=value ...]`."""
+    """`ropo builtin [out=DIR] [sweep=true] [setting=value ...]` (also `python -m ropo_builtin`)."""
     out: Path | str = "its out= directory"
     try:
         settings, out, sweep = parse_settings(sys.argv[1:] if argv is None else argv)
@@ -151,7 +151,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return stop.exit_code
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,13 +16,13 @@ from ropo.data import write_pairs_jsonl
 from ropo.models import load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
 from ropo.resources import pick_device
-from ropo.task import evaluate
-from ropo.task.pairs import build_pairs, sample_responses
-from ropo.task.settings import NOISE_SHARE, TaskSettings
-from ropo.task.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
-from ropo.task.sorting import TaskData, make_task
-from ropo.task.stage_cache import StageResult, run_stage
 from ropo.train import train
+from ropo_builtin import evaluate
+from ropo_builtin.pairs import build_pairs, sample_responses
+from ropo_builtin.settings import NOISE_SHARE, TaskSettings
+from ropo_builtin.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
+from ropo_builtin.sorting import TaskData, make_task
+from ropo_builtin.stage_cache import StageResult, run_stage
 
 # The settings each stage reads; a stage reruns when one of them (or an upstream stage) changes.
 DEMO_KEYS = "seed n_sft min_len max_len demo_error_rate vocab_size".split()
