@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,6 +150,18 @@ def test_a_stage_computed_by_other_code_is_rerun(
     monkeypatch.setattr(stage_cache, "source_fingerprint", lambda: "another build")
     assert not run_stage(tmp_path, "demo", {"a": 1}, [output], work).cached
     assert len(calls) == 2
+
+
+def test_the_source_in_a_stage_key_is_the_library_and_the_task(tmp_path: Path) -> None:
+    assert [p.__name__ for p in stage_cache.SOURCE_PACKAGES] == ["ropo", "ropo_builtin"]
+    packages = []
+    for name in ("library", "task"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("x = 1\n")
+        packages.append(SimpleNamespace(__name__=name, __file__=tmp_path / name / "__init__.py"))
+    before = stage_cache.fingerprint_of(tuple(packages))
+    (tmp_path / "task" / "__init__.py").write_text("x = 2\n")  # an edit of the task alone
+    assert stage_cache.fingerprint_of(tuple(packages)) != before
 
 
 def test_settings_from_key_value_words() -> None:

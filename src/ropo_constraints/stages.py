@@ -7,7 +7,6 @@ and a policy's greedy answers to the held-out prompts, scored (5). pipeline.py c
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ropo.config_load import load_config
 from ropo.generate import run_generate
 from ropo.generate_config import GenerateSettings
 from ropo.train import train
-from ropo_builtin.stage_cache import StageResult, run_stage
+from ropo_builtin.stage_cache import StageResult, fingerprint_of, run_stage
 from ropo_constraints.evaluate import score_responses
 from ropo_constraints.pairs import build_pairs, read_responses, responses_of, write_pairs
 from ropo_constraints.prompts import make_prompts, read_prompts, write_prompts
@@ -31,13 +30,9 @@ EVAL_KEYS = ("model", "template", "device", "dtype", "max_new_tokens", "gen_batc
 
 @functools.cache
 def task_fingerprint() -> str:
-    """Hash of this package's .py files: a stage computed by other task code is rerun (ropo's
-    own source is in every stage's key already, see ropo_builtin.stage_cache)."""
-    root = Path(ropo_constraints.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+    """Hash of this package's .py files: a stage computed by other task code is rerun (the source
+    of ropo and ropo_builtin is in every stage's key already, see ropo_builtin.stage_cache)."""
+    return fingerprint_of((ropo_constraints,))
 
 
 def _inputs(s: ConstraintSettings, keys: tuple[str, ...], **more: Any) -> dict[str, Any]:
