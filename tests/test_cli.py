@@ -1,5 +1,5 @@
-"""The command line routes `ropo train` without a model to the built-in task, and checks the
-built-in task's settings before any of its stages runs."""
+"""The command line: a bare `ropo train` says what to pass (and points to the built-in task),
+and `ropo builtin` checks the built-in task's settings before any of its stages runs."""
 
 from __future__ import annotations
 
@@ -72,11 +72,22 @@ def test_good_builtin_settings_reach_the_pipeline(no_builtin_run: list[tuple]) -
     )
 
 
-def test_train_alone_runs_the_builtin_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    monkeypatch.setattr("ropo_builtin.pipeline.main", lambda words: calls.append(words) or 0)
-    assert main(["train"]) == 0
-    assert calls == [[]]
+def test_train_alone_says_what_to_pass_and_runs_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr("ropo_builtin.pipeline.main", lambda words: pytest.fail("the demo ran"))
+    assert main(["train"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.startswith("usage: ropo train ")
+    for hint in ("model=DIR data=pairs.jsonl", "--config", "resume=", "ropo builtin", "make train"):
+        assert hint in printed.err, hint
+
+
+def test_train_help_says_the_same_and_exits_0(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    assert "model=DIR data=pairs.jsonl" in capsys.readouterr().out
 
 
 def test_train_with_a_model_uses_the_training_config(capsys: pytest.CaptureFixture) -> None:

@@ -5,9 +5,9 @@
 `ropo convert-gguf FILE OUT_DIR` (a llama.cpp GGUF file -> a Hugging Face model directory).
 
 `ropo train resume=<run dir>` (`ropo sft resume=<run dir>`) continues a run from its last
-checkpoint with the config saved in <run dir>/run.json. `ropo train` alone runs the built-in
-task; `ropo builtin key=value ...` runs it with settings (tokenizer, SFT, pairs, DPO vs ROPO,
-report; e.g. noise=0.2 seed=1 out=runs/x sweep=true).
+checkpoint with the config saved in <run dir>/run.json; `ropo train` alone says what to pass.
+`ropo builtin key=value ...` runs the built-in task (tokenizer, SFT, pairs, DPO vs ROPO,
+report; e.g. noise=0.2 seed=1 out=runs/x sweep=true), the package ropo_builtin.
 """
 
 from __future__ import annotations
@@ -27,13 +27,27 @@ from ropo.eval_config import describe_eval_settings
 from ropo.generate_config import describe_generate_settings
 from ropo.sft_config import SftConfig, describe_sft_settings
 
+# What `ropo train` needs: its --help, and what a bare `ropo train` prints.
+TRAIN_USAGE = """\
+ropo train needs a model and preference pairs, as key=value words or in a YAML file:
+  ropo train model=DIR data=pairs.jsonl out=runs/x [key=value ...]
+  ropo train --config configs/llama2-7b.yaml noise=0.4
+  ropo train resume=runs/x    (continues a run from its last checkpoint)
+`ropo keys` lists every key. The built-in demonstration (a tiny model trained from scratch on
+a sorting task, about 10 minutes on a CPU) is `ropo builtin` or `make train`."""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ropo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", help="train DPO/ROPO on preference pairs")
+    train_parser = commands.add_parser(
+        "train",
+        help="train DPO/ROPO on preference pairs",
+        description=TRAIN_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train_parser.add_argument("--config", help="YAML file of key: value settings")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value")
     builtin_parser = commands.add_parser(
@@ -87,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
     if args.command == "sft":
         return _run_training(SftConfig, args.config, args.overrides)
-    if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
-        return _run_builtin([])
+    if args.config is None and not args.overrides:  # nothing to train on: say what to pass
+        print(f"{train_parser.format_usage()}\n{TRAIN_USAGE}", file=sys.stderr)
+        return 2
     return _run_training(RunConfig, args.config, args.overrides)
 
 
