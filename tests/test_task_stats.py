@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from ropo.config_load import load_config
+from ropo.config_load import load_config, load_settings
 from ropo_builtin.pipeline import sweep_plan
 from ropo_builtin.runs import PlannedRun
-from ropo_builtin.settings import METHOD_LABELS, TaskSettings, parse_settings
+from ropo_builtin.settings import COMMAND, METHOD_LABELS, TaskSettings
 from ropo_builtin.stages import method_overrides
 from ropo_builtin.stats import (
     Resamples,
@@ -53,15 +53,14 @@ def test_every_method_is_a_valid_ropo_train_run() -> None:
 
 
 def test_sweep_settings_from_words_and_their_checks() -> None:
-    settings, _, sweep = parse_settings(
-        ["sweep=true", "sweep_seeds=3,4", "sweep_noises=0,0.25", "sweep_methods=dpo,rdpo", "jobs=3"]
-    )
+    words = ["sweep=true", "sweep_seeds=3,4", "sweep_noises=0,0.25", "sweep_methods=dpo,rdpo"]
+    settings = load_settings(TaskSettings, [*words, "jobs=3"], COMMAND)
     assert (settings.sweep_seeds, settings.sweep_noises) == ((3, 4), (0.0, 0.25))
-    assert settings.sweep_methods == ("dpo", "rdpo") and settings.jobs == 3 and sweep
+    assert settings.sweep_methods == ("dpo", "rdpo") and settings.jobs == 3 and settings.sweep
     with pytest.raises(
-        ValueError, match="setting sweep_seeds='1,x': expected ints, separated by commas"
+        ValueError, match="'sweep_seeds' expects int values separated by commas, got '1,x'"
     ):
-        parse_settings(["sweep_seeds=1,x"])
+        load_settings(TaskSettings, ["sweep_seeds=1,x"], COMMAND)
     with pytest.raises(ValueError, match="'sweep_methods'.*must include dpo"):
         TaskSettings(sweep_methods=("ropo",))
     with pytest.raises(ValueError, match="not dpo_clean"):

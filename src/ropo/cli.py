@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--config", help="YAML file of key: value settings")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value")
     builtin_parser = commands.add_parser(
-        "builtin", help="the whole pipeline on the built-in sorting task (make train's default)"
+        "builtin",
+        help="the whole pipeline on the built-in sorting task (make train's default)",
+        add_help=False,  # no options of its own: every word, --help too, goes to ropo_builtin,
+        prefix_chars="+",  # which lists its keys
     )
     builtin_parser.add_argument("settings", nargs="*", metavar="key=value")
     commands.add_parser("keys", help="list every config key with its default and meaning")
