@@ -3,8 +3,12 @@ and `ropo builtin` checks the built-in task's settings before any of its stages 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+import ropo
 from ropo.cli import main
 
 
@@ -110,3 +114,17 @@ def test_train_with_a_model_uses_the_training_config(capsys: pytest.CaptureFixtu
 def test_keys_lists_every_key(capsys: pytest.CaptureFixture) -> None:
     assert main(["keys"]) == 0
     assert "rejection_sampling" in capsys.readouterr().out
+
+
+def test_the_library_never_imports_the_builtin_task() -> None:
+    # ropo_builtin sits beside the library; only the `builtin` branch of the command line
+    # reaches it, through an import inside that function.
+    library = Path(ropo.__file__).parent
+    found = [
+        (str(path.relative_to(library)), line)
+        for path in sorted(library.rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if re.search(r"\bimport\b.*\bropo_builtin\b|\bropo_builtin\b.*\bimport\b", line)
+    ]
+    lazy = " " * 12 + "from ropo_builtin.pipeline import main as builtin_main"  # in a function
+    assert found == [("cli.py", lazy)]

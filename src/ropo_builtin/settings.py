@@ -49,7 +49,7 @@ class TaskSettings:
 
     out: str = setting("runs/builtin", "directory of every stage's files and of the report")
     sweep: bool = setting(False, "run the noise sweep (the sweep_* keys) instead of the demo")
-    seed: int = setting(0, "task, SFT, sampling, and the runs' label flips and batch order")
+    seed: int = setting(0, "seeds the task, SFT, sampling, the runs' label flips and order")
     # the task (sorting.py)
     n_sft: int = setting(40000, "demonstrations for SFT")
     n_train_prompts: int = setting(8000, "prompts offered for preference pairs (ties give none)")
@@ -60,8 +60,8 @@ class TaskSettings:
     vocab_size: int = setting(288, "sentencepiece needs ~270 pieces for its byte fallback alone")
     # the SFT model (sft.py)
     dim: int = setting(96, "width of the SFT model")
-    n_layers: int = setting(3, "its blocks")
-    n_heads: int = setting(4, "its attention heads")
+    n_layers: int = setting(3, "blocks of the SFT model")
+    n_heads: int = setting(4, "attention heads of the SFT model")
     sft_steps: int = setting(2000, "SFT optimizer steps")
     sft_batch_size: int = setting(32, "demonstrations per SFT step")
     sft_lr: float = setting(3e-3, "peak SFT learning rate")
@@ -74,17 +74,17 @@ class TaskSettings:
         ("dpo_clean", "dpo", "ropo", "ropo_auto"), "the demo's methods (a wrong name lists all)"
     )
     noise: float = setting(0.4, "share of training labels flipped")
-    beta: float = setting(1.0, "larger than the usual 0.1: it keeps the tiny policy near SFT")
-    lr: float = setting(1e-4, "the same for every method; ROPO at 3e-4 drifted and sampled worse")
+    beta: float = setting(1.0, "DPO/ROPO beta; above the usual 0.1, to keep the policy near SFT")
+    lr: float = setting(1e-4, "peak lr of every method; ROPO at 3e-4 drifted and sampled worse")
     batch_size: int = setting(32, "pairs per optimizer step")
     rounds: int = setting(3, "ROPO rounds; DPO trains rounds * epochs_per_round epochs in one")
     epochs_per_round: int = setting(1, "epochs of each ROPO round")
     rho: float = setting(0.2, "share of pairs ROPO drops after each round (the lowest margins)")
-    alpha: float = setting(14.0, "ROPO's trade-off alpha: the default the paper's reviews report")
+    alpha: float = setting(14.0, "ROPO's alpha: the default the paper's reviews report")
     rs_k: int = setting(4, "rejection sampling: candidates per prompt of a dropped pair")
     # evaluation (evaluate.py)
     eval_samples: int = setting(4, "samples per held-out prompt")
-    device: str = setting("cpu", "the model is tiny: a GPU buys little; auto picks one if present")
+    device: str = setting("cpu", "cpu | auto | cuda | cuda:N; the model is tiny: a GPU buys little")
     threads: int = setting(0, "torch CPU threads (0 = torch's default)")
     jobs: int = setting(2, "preference runs trained at once in worker processes; 1 = in-process")
     # sweep=true: every method of sweep_methods at every noise rate and seed
@@ -116,8 +116,8 @@ class TaskSettings:
         check_range("temperature", self.temperature, 0.0, None)  # 0 is greedy
         check_methods("methods", self.methods)
         # The keys a preference run takes under `ropo train`'s own names: checked by its config.
-        method_keys = {"rho": self.rho, "alpha": self.alpha, "rs_k": self.rs_k}
-        build_config({**self.run_keys(), "noise": self.noise, **method_keys})
+        ropo_keys = {"rho": self.rho, "alpha": self.alpha, "rs_k": self.rs_k}
+        build_config({**self.run_keys(), "noise": self.noise, **ropo_keys})
         told_nothing = [m for m in self.methods if equals_dpo(m, self.noise)]
         if told_nothing:
             raise ValueError(
