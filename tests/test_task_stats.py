@@ -76,6 +76,8 @@ def test_sweep_settings_from_words_and_their_checks() -> None:
     settings = load_settings(TaskSettings, [*words, "jobs=3"], COMMAND)
     assert (settings.sweep_seeds, settings.sweep_noises) == ((3, 4), (0.0, 0.25))
     assert settings.sweep_methods == ("dpo", "rdpo") and settings.jobs == 3 and settings.sweep
+    yaml_list = load_settings(TaskSettings, ["sweep_noises=[0, 0.25]", "sweep_seeds=5"], COMMAND)
+    assert (yaml_list.sweep_noises, yaml_list.sweep_seeds) == ((0.0, 0.25), (5,))  # or one value
     with pytest.raises(
         ValueError, match="'sweep_seeds' expects int values separated by commas, got '1,x'"
     ):
