@@ -38,6 +38,30 @@ a sorting task, about 10 minutes on a CPU) is `ropo builtin` or `make train`."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser, train_parser = _command_line()
+    args = parser.parse_args(argv)
+    if args.command == "keys":
+        print(describe_keys())
+        return 0
+    if args.command == "builtin":
+        return _run_builtin(args.settings)
+    if args.command == "generate":
+        return _run_tool("generate", lambda: _generate(args.settings))
+    if args.command == "eval":
+        return _run_tool("eval", lambda: _eval(args.settings))
+    if args.command == "convert-gguf":
+        return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
+    if args.command == "sft":
+        return _run_training(SftConfig, args.config, args.overrides)
+    if args.config is None and not args.overrides:  # nothing to train on: say what to pass
+        print(f"{train_parser.format_usage()}\n{TRAIN_USAGE}", file=sys.stderr)
+        return 2
+    return _run_training(RunConfig, args.config, args.overrides)
+
+
+def _command_line() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser of every subcommand, and that of `ropo train` (whose usage a bare `ropo train`
+    prints)."""
     parser = argparse.ArgumentParser(
         prog="ropo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,25 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert_parser.add_argument("gguf_file", metavar="FILE")
     convert_parser.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory")
-    args = parser.parse_args(argv)
-
-    if args.command == "keys":
-        print(describe_keys())
-        return 0
-    if args.command == "builtin":
-        return _run_builtin(args.settings)
-    if args.command == "generate":
-        return _run_tool("generate", lambda: _generate(args.settings))
-    if args.command == "eval":
-        return _run_tool("eval", lambda: _eval(args.settings))
-    if args.command == "convert-gguf":
-        return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
-    if args.command == "sft":
-        return _run_training(SftConfig, args.config, args.overrides)
-    if args.config is None and not args.overrides:  # nothing to train on: say what to pass
-        print(f"{train_parser.format_usage()}\n{TRAIN_USAGE}", file=sys.stderr)
-        return 2
-    return _run_training(RunConfig, args.config, args.overrides)
+    return parser, train_parser
 
 
 def _run_training(
