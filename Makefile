@@ -43,7 +43,8 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# Without MODEL or CONFIG: the built-in task (NOISE, OUT and ARGS apply to its settings).
+# Without MODEL or CONFIG: the built-in task, src/ropo_builtin (NOISE, OUT and ARGS apply to its
+# settings; `ropo builtin --help` lists them). A bare `ropo train` only prints its usage.
 train: install
 ifeq ($(MODEL)$(CONFIG),)
 	$(BIN)/ropo builtin $(if $(NOISE),noise=$(NOISE)) $(if $(OUT),out=$(OUT)) $(ARGS)

@@ -42,7 +42,7 @@ UNSAFE = {  # pattern -> why it is not allowed in src/
 
 def test_source_has_no_unsafe_loading() -> None:
     found = []
-    for path in sorted(SRC.rglob("*.py")):
+    for path in sorted(SRC.parent.rglob("*.py")):  # the library and the tasks beside it
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             found += [f"{path}:{lineno}: {why}" for pattern, why in UNSAFE.items()
                       if re.search(pattern, line.split("#")[0])]  # fmt: skip

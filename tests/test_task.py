@@ -14,22 +14,24 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import ropo.task.stages as stages
+import ropo_builtin.stages as stages
 from ropo.cli import main
+from ropo.config_load import load_settings
 from ropo.data import load_pairs
 from ropo.logps import PairLogps
-from ropo.task import stage_cache
-from ropo.task.evaluate import noise_identification, preference_accuracy, win_rate
-from ropo.task.pairs import build_pairs
-from ropo.task.pipeline import run_builtin, run_sweep
-from ropo.task.settings import TaskSettings, parse_settings
-from ropo.task.sorting import correct_response, gold_reward, make_task
-from ropo.task.stage_cache import run_stage
-from ropo.task.stages import run_dir_for
+from ropo_builtin import stage_cache
+from ropo_builtin.evaluate import noise_identification, preference_accuracy, win_rate
+from ropo_builtin.pairs import build_pairs
+from ropo_builtin.pipeline import run_builtin, run_sweep
+from ropo_builtin.settings import COMMAND, TaskSettings
+from ropo_builtin.sorting import correct_response, gold_reward, make_task
+from ropo_builtin.stage_cache import run_stage
+from ropo_builtin.stages import run_dir_for
 
 
 def test_gold_reward_counts_right_positions_over_the_longer_list() -> None:
@@ -151,14 +153,25 @@ def test_a_stage_computed_by_other_code_is_rerun(
     assert len(calls) == 2
 
 
+def test_the_source_in_a_stage_key_is_the_library_and_the_task(tmp_path: Path) -> None:
+    assert [p.__name__ for p in stage_cache.SOURCE_PACKAGES] == ["ropo", "ropo_builtin"]
+    packages = []
+    for name in ("library", "task"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("x = 1\n")
+        packages.append(SimpleNamespace(__name__=name, __file__=tmp_path / name / "__init__.py"))
+    before = stage_cache.fingerprint_of(tuple(packages))
+    (tmp_path / "task" / "__init__.py").write_text("x = 2\n")  # an edit of the task alone
+    assert stage_cache.fingerprint_of(tuple(packages)) != before
+
+
 def test_settings_from_key_value_words() -> None:
-    settings, out, sweep = parse_settings(
-        ["out=x/y", "noise=0.2", "methods=dpo,ropo", "dim=48", "sweep=true"]
-    )
+    words = ["out=x/y", "noise=0.2", "methods=dpo,ropo", "dim=48", "sweep=true"]
+    settings = load_settings(TaskSettings, words, COMMAND)
     assert (settings.noise, settings.methods, settings.dim) == (0.2, ("dpo", "ropo"), 48)
-    assert out == Path("x/y") and sweep
-    with pytest.raises(ValueError, match="unknown setting 'noice'"):
-        parse_settings(["noice=0.2"])
+    assert settings.out == "x/y" and settings.sweep
+    with pytest.raises(ValueError, match="unknown key 'noice'"):
+        load_settings(TaskSettings, ["noice=0.2"], COMMAND)
     with pytest.raises(ValueError, match="methods"):
         TaskSettings(methods=("dpo", "ppo"))
 
@@ -188,7 +201,7 @@ TOY = TaskSettings(
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("builtin")
-    return out, run_builtin(TOY, out)
+    return out, run_builtin(replace(TOY, out=str(out)))
 
 
 def test_every_stage_leaves_its_files(toy_run: tuple[Path, dict]) -> None:
@@ -261,9 +274,9 @@ def test_a_rerun_skips_every_stage_and_a_change_reruns_only_what_depends_on_it(
 
     monkeypatch.setattr(stages, "train", counting_train)
     monkeypatch.setattr(stages, "train_sft", no_sft)
-    again = run_builtin(TOY, out)
+    again = run_builtin(replace(TOY, out=str(out)))
     assert trained == [] and again["runs"] == first["runs"]
-    run_builtin(replace(TOY, rho=0.5, methods=("dpo", "ropo")), out)
+    run_builtin(replace(TOY, out=str(out), rho=0.5, methods=("dpo", "ropo")))
     assert trained == ["ropo"]  # DPO does not read rho
 
 
@@ -275,7 +288,7 @@ def test_sweep_reuses_the_first_stages(
     settings = replace(
         TOY, sweep_noises=(0.0, 0.25), sweep_seeds=(0,), sweep_methods=("dpo", "ropo", "cdpo")
     )
-    sweep = run_sweep(settings, out)
+    sweep = run_sweep(replace(settings, out=str(out)))
     assert sweep["skipped"] == [{"method": "cdpo", "noise": 0.0, "reason": "ε = 0: plain DPO"}]
     assert len(sweep["runs"]) == 5 and sweep["runs"][-1]["method"] == "cdpo"
     sweep["runs"].pop()
@@ -295,13 +308,10 @@ def test_interrupted_builtin_keeps_finished_stages_and_says_how_to_go_on(
     toy_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
     out = Path(shutil.copytree(toy_run[0], tmp_path / "builtin"))
-    settings = asdict(replace(TOY, lr=2e-3, methods=("dpo",)))  # a new lr: stage 5 runs again
-    words = [
-        f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()
-    ]
+    command = _builtin(out, replace(TOY, lr=2e-3, methods=("dpo",)))  # a new lr: stage 5 reruns
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPO_FAULT": "step:2:SIGINT"}
     launcher = Path(__file__).with_name("fault_launcher.py")  # injects ROPO_FAULT's SIGINT
-    command = [sys.executable, str(launcher), "builtin", f"out={out}", *words]
+    command = [sys.executable, str(launcher), *command[3:]]  # [3:]: "builtin" and its keys
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
@@ -325,12 +335,12 @@ def _copy_without_runs(toy_run: tuple[Path, dict], where: Path) -> Path:
 
 
 def _builtin(out: Path, settings: TaskSettings) -> list[str]:
-    """`python -m ropo builtin` with every one of `settings` spelt out."""
+    """`python -m ropo builtin` with every one of `settings` spelt out, into `out`."""
     words = [
         f"{key}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
-        for key, value in asdict(settings).items()
+        for key, value in asdict(replace(settings, out=str(out))).items()
     ]
-    return [sys.executable, "-m", "ropo", "builtin", f"out={out}", *words]
+    return [sys.executable, "-m", "ropo", "builtin", *words]
 
 
 def test_runs_in_worker_processes_give_the_rows_of_runs_in_this_process(
@@ -340,7 +350,7 @@ def test_runs_in_worker_processes_give_the_rows_of_runs_in_this_process(
     threads = torch.get_num_threads()
     methods = ("ropo_rs", "dpo", "ropo")  # ROPO + RS trains longest: it finishes last
     try:  # 2 threads for 2 jobs: each worker gets 1, as the in-process runs of toy_run had
-        parallel = run_builtin(replace(TOY, jobs=2, threads=2, methods=methods), out)
+        parallel = run_builtin(replace(TOY, out=str(out), jobs=2, threads=2, methods=methods))
     finally:
         torch.set_num_threads(threads)
     in_process = {row["method"]: row for row in toy_run[1]["runs"]}

@@ -5,17 +5,18 @@ table with methods that were not run. No model is trained here (test_task.py doe
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from ropo.config_load import load_config
-from ropo.task.pipeline import sweep_plan
-from ropo.task.runs import PlannedRun
-from ropo.task.settings import METHOD_LABELS, TaskSettings, parse_settings
-from ropo.task.stages import method_overrides
-from ropo.task.stats import (
+from ropo.config_load import build_config, load_settings
+from ropo_builtin.methods import method_keys
+from ropo_builtin.pipeline import sweep_plan
+from ropo_builtin.runs import PlannedRun
+from ropo_builtin.settings import COMMAND, METHOD_LABELS, TaskSettings
+from ropo_builtin.stats import (
     Resamples,
     draw_resamples,
     mean_interval,
@@ -23,45 +24,64 @@ from ropo.task.stats import (
     recovered_share,
     resampled_means,
 )
-from ropo.task.sweep_stats import sweep_statistics
-from ropo.task.tables import filtering_table, sweep_findings, sweep_table
+from ropo_builtin.sweep_stats import sweep_statistics
+from ropo_builtin.tables import filtering_table, sweep_findings, sweep_table
+from ropo_constraints.settings import ConstraintSettings
+from ropo_constraints.stages import train_keys
 
 
 def test_every_method_is_a_valid_ropo_train_run() -> None:
     s = TaskSettings(rounds=3, epochs_per_round=2, alpha=8.0)
     for method in METHOD_LABELS:  # every key must be one `ropo train` accepts
-        load_config(None, method_overrides(method, s, 0.4))
-    dpo_like = ["rounds=1", "rho=0", "epochs=6"]  # DPO trains rounds * epochs_per_round epochs
-    assert method_overrides("dpo", s, 0.4) == ["loss=dpo", *dpo_like]
-    assert method_overrides("ipo", s, 0.4) == ["loss=ipo", *dpo_like]
+        build_config(method_keys(method, s, 0.4))
+    dpo_like = {"rounds": 1, "rho": 0.0, "epochs": 6}  # rounds * epochs_per_round epochs
+    assert method_keys("dpo", s, 0.4) == {"loss": "dpo", **dpo_like}
+    assert method_keys("ipo", s, 0.4) == {"loss": "ipo", **dpo_like}
     # the oracle baselines are told ε = η; the _half ones η/2
-    assert method_overrides("cdpo", s, 0.4) == ["loss=cdpo", "label_smoothing=0.4", *dpo_like]
-    assert method_overrides("cdpo_half", s, 0.4)[:2] == ["loss=cdpo", "label_smoothing=0.2"]
-    assert method_overrides("rdpo", s, 0.2)[:2] == ["loss=rdpo", "label_smoothing=0.2"]
-    assert method_overrides("rdpo_half", s, 0.2)[:2] == ["loss=rdpo", "label_smoothing=0.1"]
-    assert method_overrides("ropo", s, 0.4) == [
-        "loss=ropo",
-        "alpha=8.0",
-        "rounds=3",
-        "rho=0.2",
-        "epochs=2",
-    ]
-    auto = load_config(None, method_overrides("ropo_auto", s, 0.4))
+    assert method_keys("cdpo", s, 0.4) == {"loss": "cdpo", "label_smoothing": 0.4, **dpo_like}
+    for method, noise, loss, epsilon in [
+        ("cdpo_half", 0.4, "cdpo", 0.2),
+        ("rdpo", 0.2, "rdpo", 0.2),
+        ("rdpo_half", 0.2, "rdpo", 0.1),
+    ]:
+        keys = method_keys(method, s, noise)
+        assert (keys["loss"], keys["label_smoothing"]) == (loss, epsilon), method
+    assert method_keys("ropo", s, 0.4) == {
+        "loss": "ropo",
+        "alpha": 8.0,
+        "rounds": 3,
+        "rho": 0.2,
+        "epochs": 2,
+    }
+    auto = build_config(method_keys("ropo_auto", s, 0.4))
     assert (auto.loss.loss, auto.loss.alpha, auto.filter.rounds) == ("ropo", 8.0, 2)
     assert (auto.filter.rho, auto.filter.last_round) == ("auto", "restart")
     assert (auto.optim.epochs, auto.filter.last_round_epochs) == (2, 6)  # the restart: DPO's 6
+    assert auto.filter.filter_score == "preference"
+    margin = method_keys("ropo_auto_margin", s, 0.4)
+    assert margin == {**method_keys("ropo_auto", s, 0.4), "filter_score": "margin"}
+
+
+def test_the_constraint_task_runs_the_same_recipes() -> None:
+    s = ConstraintSettings(out="x", rounds=3, epochs=2, alpha=8.0)
+    task = TaskSettings(rounds=3, epochs_per_round=2, alpha=8.0)
+    for method in ("dpo", "ropo", "ropo_auto"):
+        keys = train_keys(s, Path("x"), method, 0.2, 1, Path("x/run"))
+        assert keys.items() >= method_keys(method, task, 0.2).items(), method
+        build_config(keys)
 
 
 def test_sweep_settings_from_words_and_their_checks() -> None:
-    settings, _, sweep = parse_settings(
-        ["sweep=true", "sweep_seeds=3,4", "sweep_noises=0,0.25", "sweep_methods=dpo,rdpo", "jobs=3"]
-    )
+    words = ["sweep=true", "sweep_seeds=3,4", "sweep_noises=0,0.25", "sweep_methods=dpo,rdpo"]
+    settings = load_settings(TaskSettings, [*words, "jobs=3"], COMMAND)
     assert (settings.sweep_seeds, settings.sweep_noises) == ((3, 4), (0.0, 0.25))
-    assert settings.sweep_methods == ("dpo", "rdpo") and settings.jobs == 3 and sweep
+    assert settings.sweep_methods == ("dpo", "rdpo") and settings.jobs == 3 and settings.sweep
+    yaml_list = load_settings(TaskSettings, ["sweep_noises=[0, 0.25]", "sweep_seeds=5"], COMMAND)
+    assert (yaml_list.sweep_noises, yaml_list.sweep_seeds) == ((0.0, 0.25), (5,))  # or one value
     with pytest.raises(
-        ValueError, match="setting sweep_seeds='1,x': expected ints, separated by commas"
+        ValueError, match="'sweep_seeds' expects int values separated by commas, got '1,x'"
     ):
-        parse_settings(["sweep_seeds=1,x"])
+        load_settings(TaskSettings, ["sweep_seeds=1,x"], COMMAND)
     with pytest.raises(ValueError, match="'sweep_methods'.*must include dpo"):
         TaskSettings(sweep_methods=("ropo",))
     with pytest.raises(ValueError, match="not dpo_clean"):

@@ -5,9 +5,9 @@
 `ropo convert-gguf FILE OUT_DIR` (a llama.cpp GGUF file -> a Hugging Face model directory).
 
 `ropo train resume=<run dir>` (`ropo sft resume=<run dir>`) continues a run from its last
-checkpoint with the config saved in <run dir>/run.json. `ropo train` alone runs the built-in
-task; `ropo builtin key=value ...` runs it with settings (tokenizer, SFT, pairs, DPO vs ROPO,
-report; e.g. noise=0.2 seed=1 out=runs/x sweep=true).
+checkpoint with the config saved in <run dir>/run.json; `ropo train` alone says what to pass.
+`ropo builtin key=value ...` runs the built-in task (tokenizer, SFT, pairs, DPO vs ROPO,
+report; e.g. noise=0.2 seed=1 out=runs/x sweep=true), the package ropo_builtin.
 """
 
 from __future__ import annotations
@@ -27,17 +27,58 @@ from ropo.eval_config import describe_eval_settings
 from ropo.generate_config import describe_generate_settings
 from ropo.sft_config import SftConfig, describe_sft_settings
 
+# What `ropo train` needs: its --help, and what a bare `ropo train` prints.
+TRAIN_USAGE = """\
+ropo train needs a model and preference pairs, as key=value words or in a YAML file:
+  ropo train model=DIR data=pairs.jsonl out=runs/x [key=value ...]
+  ropo train --config configs/llama2-7b.yaml noise=0.4
+  ropo train resume=runs/x    (continues a run from its last checkpoint)
+`ropo keys` lists every key. The built-in demonstration (a tiny model trained from scratch on
+a sorting task, about 10 minutes on a CPU) is `ropo builtin` or `make train`."""
+
 
 def main(argv: list[str] | None = None) -> int:
+    parser, train_parser = _command_line()
+    args = parser.parse_args(argv)
+    if args.command == "keys":
+        print(describe_keys())
+        return 0
+    if args.command == "builtin":
+        return _run_builtin(args.settings)
+    if args.command == "generate":
+        return _run_tool("generate", lambda: _generate(args.settings))
+    if args.command == "eval":
+        return _run_tool("eval", lambda: _eval(args.settings))
+    if args.command == "convert-gguf":
+        return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
+    if args.command == "sft":
+        return _run_training(SftConfig, args.config, args.overrides)
+    if args.config is None and not args.overrides:  # nothing to train on: say what to pass
+        print(f"{train_parser.format_usage()}\n{TRAIN_USAGE}", file=sys.stderr)
+        return 2
+    return _run_training(RunConfig, args.config, args.overrides)
+
+
+def _command_line() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser of every subcommand, and that of `ropo train` (whose usage a bare `ropo train`
+    prints)."""
     parser = argparse.ArgumentParser(
         prog="ropo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", help="train DPO/ROPO on preference pairs")
+    train_parser = commands.add_parser(
+        "train",
+        help="train DPO/ROPO on preference pairs",
+        description=TRAIN_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train_parser.add_argument("--config", help="YAML file of key: value settings")
     train_parser.add_argument("overrides", nargs="*", metavar="key=value")
     builtin_parser = commands.add_parser(
-        "builtin", help="the whole pipeline on the built-in sorting task (make train's default)"
+        "builtin",
+        help="the whole pipeline on the built-in sorting task (make train's default)",
+        add_help=False,  # no options of its own: every word, --help too, goes to ropo_builtin,
+        prefix_chars="+",  # which lists its keys
     )
     builtin_parser.add_argument("settings", nargs="*", metavar="key=value")
     commands.add_parser("keys", help="list every config key with its default and meaning")
@@ -72,24 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert_parser.add_argument("gguf_file", metavar="FILE")
     convert_parser.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory")
-    args = parser.parse_args(argv)
-
-    if args.command == "keys":
-        print(describe_keys())
-        return 0
-    if args.command == "builtin":
-        return _run_builtin(args.settings)
-    if args.command == "generate":
-        return _run_tool("generate", lambda: _generate(args.settings))
-    if args.command == "eval":
-        return _run_tool("eval", lambda: _eval(args.settings))
-    if args.command == "convert-gguf":
-        return _run_tool("convert-gguf", lambda: _convert_gguf(args.gguf_file, args.out_dir))
-    if args.command == "sft":
-        return _run_training(SftConfig, args.config, args.overrides)
-    if args.config is None and not args.overrides:  # nothing to train on: show the built-in task
-        return _run_builtin([])
-    return _run_training(RunConfig, args.config, args.overrides)
+    return parser, train_parser
 
 
 def _run_training(
@@ -210,7 +234,8 @@ def _convert_gguf(gguf_file: str, out_dir: str) -> None:
 def _run_builtin(settings: list[str]) -> int:
     try:
         with interrupt.handled():  # the pipeline reports an interrupted stage itself
-            from ropo.task.pipeline import main as builtin_main  # matplotlib etc. only when needed
+            # Only here: the demo sits beside the library, which never imports it (nor matplotlib).
+            from ropo_builtin.pipeline import main as builtin_main
 
             return builtin_main(settings)
     except interrupt.Interrupted as stop:  # still loading: nothing was written yet

@@ -39,14 +39,18 @@ def describe_settings(settings: type, header: str = "keys (key=value):") -> str:
     """`header`, then every key of the settings dataclass `settings` with its default and help
     line: the --help of a command with one flat set of keys (`ropo generate`, `ropo eval`)."""
     keys = dataclasses.fields(settings)
+    defaults = [_as_typed(f.default) for f in keys]
     name_width = max(len(f.name) for f in keys)
-    default_width = max(len(repr(f.default)) for f in keys)
+    default_width = min(max(len(default) for default in defaults), 20)  # a longer one overflows
     lines = [header]
-    for f in keys:
-        lines.append(
-            f"  {f.name:<{name_width}} {f.default!r:<{default_width}} {f.metadata['help']}"
-        )
+    for f, default in zip(keys, defaults, strict=True):
+        lines.append(f"  {f.name:<{name_width}} {default:<{default_width}} {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def _as_typed(default: Any) -> str:
+    """A default as a user writes it: a tuple key's values comma-separated (sweep_seeds=0,1,2)."""
+    return ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,8 @@ def _check_unique_keys(node: yaml.Node | None, where: str) -> None:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner: type) -> Any:
     expected = typing.get_type_hints(owner)[key]
+    if typing.get_origin(expected) is tuple:  # tuple[int, ...]: a list of values
+        return _coerce_items(key, value, typing.get_args(expected)[0], where)
     if not isinstance(expected, types.UnionType):
         return _coerce_to(key, value, expected, where)
     # A key that takes a number or a word (rho: 0.2 or auto) tries the types in declared order;
@@ -206,6 +208,21 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner: type)
         except ValueError:
             pass
     return _coerce_to(key, value, kinds[-1], where)
+
+
+def _coerce_items(key: str, value: Any, kind: type, where: str) -> tuple:
+    """A list key's values as a tuple of `kind`, from a YAML list or from comma-separated values
+    (`sweep_seeds=0,1,2` on the command line; a single value is a list of one)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, str):
+        items = [_parse_yaml(item, where) for item in value.split(",") if item.strip()]
+    try:
+        return tuple(_coerce_to(key, item, kind, where) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{where}: config key '{key}' expects {kind.__name__} values separated by commas, "
+            f"got {value!r}"
+        ) from None
 
 
 def _coerce_to(key: str, value: Any, expected: type, where: str) -> Any:

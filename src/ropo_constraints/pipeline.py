@@ -19,7 +19,7 @@ import torch
 
 from ropo import interrupt
 from ropo.config_load import load_settings
-from ropo.task.stage_cache import stage_seconds
+from ropo_builtin.stage_cache import stage_seconds
 from ropo_constraints.evaluate import summarise_cell
 from ropo_constraints.report import results_table, write_report
 from ropo_constraints.settings import ConstraintSettings, describe_constraint_settings

@@ -7,17 +7,15 @@ and a policy's greedy answers to the held-out prompts, scored (5). pipeline.py c
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import ropo_constraints
-from ropo.config_load import load_config
 from ropo.generate import run_generate
 from ropo.generate_config import GenerateSettings
-from ropo.task.stage_cache import StageResult, run_stage
-from ropo.train import train
+from ropo_builtin.methods import recipe
+from ropo_builtin.stage_cache import StageResult, fingerprint_of, run_stage
+from ropo_builtin.stages import TrainJob, run_training, stage_run_keys
 from ropo_constraints.evaluate import score_responses
 from ropo_constraints.pairs import build_pairs, read_responses, responses_of, write_pairs
 from ropo_constraints.prompts import make_prompts, read_prompts, write_prompts
@@ -31,13 +29,9 @@ EVAL_KEYS = ("model", "template", "device", "dtype", "max_new_tokens", "gen_batc
 
 @functools.cache
 def task_fingerprint() -> str:
-    """Hash of this package's .py files: a stage computed by other task code is rerun (ropo's
-    own source is in every stage's key already, see ropo.task.stage_cache)."""
-    root = Path(ropo_constraints.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+    """Hash of this package's .py files: a stage computed by other task code is rerun (the source
+    of ropo and ropo_builtin is in every stage's key already, see ropo_builtin.stage_cache)."""
+    return fingerprint_of((ropo_constraints,))
 
 
 def _inputs(s: ConstraintSettings, keys: tuple[str, ...], **more: Any) -> dict[str, Any]:
@@ -118,41 +112,23 @@ def stage_pairs(s: ConstraintSettings, out: Path, samples: StageResult) -> Stage
     return run_stage(out, "pairs", _inputs(s, (), samples=samples.key), [pairs_file], work)
 
 
-def method_overrides(method: str, s: ConstraintSettings) -> list[str]:
-    """The `ropo train` keys of `method`; DPO trains as many epochs as ROPO does in all rounds."""
-    if method == "dpo":
-        return ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs}"]
-    if method == "ropo_auto":  # one ROPO round finds the flips, then DPO afresh on the rest
-        return ["loss=ropo", f"alpha={s.alpha}", "rounds=2", "rho=auto", "filter_score=preference",
-                "last_round=restart", f"last_round_epochs={s.rounds * s.epochs}",
-                f"epochs={s.epochs}"]  # fmt: skip
-    return ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}",
-            f"epochs={s.epochs}"]  # fmt: skip
-
-
-def train_overrides(
+def train_keys(
     s: ConstraintSettings, out: Path, method: str, noise: float, seed: int, run_dir: Path
-) -> list[str]:
-    """Every `ropo train` key=value of one run: the pairs, the method, the noise and the seed."""
-    return [
-        f"model={s.model}",
-        f"data={out / 'pairs_train.jsonl'}",
-        "format=plain",
-        f"template={s.template}",
-        f"out={run_dir}",
-        "overwrite=true",  # the stage runs again only when its inputs changed: start over
-        f"noise={noise}",
-        f"seed={seed}",
-        f"lr={s.lr}",
-        f"beta={s.beta}",
-        f"batch_size={s.batch_size}",
-        f"max_length={s.max_length}",
-        f"lora_rank={s.lora_rank}",
-        f"dtype={s.dtype}",
-        f"device={s.device}",
-        "log_every=5",
-        *method_overrides(method, s),
-    ]
+) -> dict[str, Any]:
+    """Every `ropo train` key of one run: the pairs, the method, the noise and the seed."""
+    return {
+        **stage_run_keys(s.model, out / "pairs_train.jsonl", run_dir, noise, seed),
+        "format": "plain",
+        "template": s.template,
+        "lr": s.lr,
+        "beta": s.beta,
+        "batch_size": s.batch_size,
+        "max_length": s.max_length,
+        "lora_rank": s.lora_rank,
+        "dtype": s.dtype,
+        "device": s.device,
+        **recipe(method, s.rounds, s.epochs, s.rho, s.alpha),
+    }
 
 
 def stage_train(
@@ -160,16 +136,10 @@ def stage_train(
 ) -> StageResult:
     """Stage 4: one `ropo train` run on the pairs, labels flipped at rate `noise` by `seed`."""
     run_dir = out / "runs" / run_name(method, noise, seed)
-    overrides = train_overrides(s, out, method, noise, seed, run_dir)
-
-    def work() -> dict[str, Any]:
-        train(load_config(None, overrides))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return {"last_round": json.loads(lines[-1])}
-
-    inputs = _inputs(s, (), pairs=pairs.key, overrides=overrides)
-    name = f"train/{run_name(method, noise, seed)}"
-    return run_stage(out, name, inputs, [run_dir / "final" / "config.json"], work)
+    keys = train_keys(s, out, method, noise, seed, run_dir)
+    inputs = _inputs(s, (), pairs=pairs.key, train_keys=keys)
+    job = TrainJob(f"train/{run_name(method, noise, seed)}", run_dir, keys, inputs)
+    return run_stage(out, job.name, job.inputs, job.outputs, lambda: run_training(job))
 
 
 def run_name(method: str, noise: float, seed: int) -> str:

@@ -14,7 +14,7 @@ import torch
 from ropo.data import PreferencePair
 from ropo.models import Tokenizer, Transformer, generate
 from ropo.progress import progress_bar
-from ropo.task.sorting import gold_reward
+from ropo_builtin.sorting import gold_reward
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ropo.task.stats import (
+from ropo_builtin.stats import (
     Interval,
     Resamples,
     draw_resamples,

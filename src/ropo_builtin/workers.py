@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ropo.task.stages import TrainJob, run_training
+from ropo_builtin.stages import TrainJob, run_training
 
 
 def worker_threads(threads: int, jobs: int) -> int:

@@ -11,57 +11,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ropo.config_load import load_config
+from ropo.config_load import build_config
 from ropo.data import write_pairs_jsonl
 from ropo.models import load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
 from ropo.resources import pick_device
-from ropo.task import evaluate
-from ropo.task.pairs import build_pairs, sample_responses
-from ropo.task.settings import NOISE_SHARE, TaskSettings
-from ropo.task.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
-from ropo.task.sorting import TaskData, make_task
-from ropo.task.stage_cache import StageResult, run_stage
 from ropo.train import train
+from ropo_builtin import evaluate
+from ropo_builtin.methods import method_keys
+from ropo_builtin.pairs import build_pairs, sample_responses
+from ropo_builtin.settings import TaskSettings
+from ropo_builtin.sft import tiny_llama_config, train_sft, write_demonstrations, write_initial_model
+from ropo_builtin.sorting import TaskData, make_task
+from ropo_builtin.stage_cache import StageResult, run_stage
 
 # The settings each stage reads; a stage reruns when one of them (or an upstream stage) changes.
 DEMO_KEYS = "seed n_sft min_len max_len demo_error_rate vocab_size".split()
 SFT_KEYS = "dim n_layers n_heads sft_steps sft_batch_size sft_lr device".split()
 PAIR_KEYS = "seed samples_per_prompt temperature max_new_tokens device".split()
 EVAL_KEYS = "eval_samples temperature max_new_tokens device".split()
-
-
-RS_RULE = "likelihood+original"
-
-
-def method_overrides(method: str, s: TaskSettings, noise: float) -> list[str]:
-    """The `ropo train` keys that make `method` at flip rate `noise`. DPO gets as many epochs as
-    ROPO gets in total; so do cDPO, rDPO and IPO, and ROPO (rho=auto)'s restarted last round."""
-    dpo = ["loss=dpo", "rounds=1", "rho=0", f"epochs={s.rounds * s.epochs_per_round}"]
-    ropo = ["loss=ropo", f"alpha={s.alpha}", f"rounds={s.rounds}", f"rho={s.rho}"]
-    ropo.append(f"epochs={s.epochs_per_round}")
-    if method in NOISE_SHARE:  # cdpo, rdpo and their η/2 variants: ε from the true flip rate
-        loss = method.removesuffix("_half")
-        return [f"loss={loss}", f"label_smoothing={NOISE_SHARE[method] * noise:g}", *dpo[1:]]
-    # Round 1 finds the flips with the ROPO loss on all pairs, ranked by the policy's own
-    # preference (docs/method.md 3b: the margin ranking does not help on this task, which
-    # ropo_auto_margin shows); round 2 starts again from the SFT model and trains plain DPO on
-    # the kept pairs, as long as DPO trains on all of them.
-    auto = ["loss=ropo", f"alpha={s.alpha}", "rounds=2", "rho=auto", "last_round=restart"]
-    auto += [f"last_round_epochs={s.rounds * s.epochs_per_round}", f"epochs={s.epochs_per_round}"]
-    table = {
-        "dpo_clean": dpo,
-        "dpo": dpo,
-        "ipo": ["loss=ipo", *dpo[1:]],
-        "ropo_loss": ["loss=ropo", f"alpha={s.alpha}", *dpo[1:]],
-        "ropo": ropo,
-        # The pair rule that helps here (docs/method.md 4): the default rule's pairs are
-        # mostly wrongly ordered by round 2.
-        "ropo_rs": [*ropo, "rejection_sampling=true", f"rs_k={s.rs_k}", f"rs_pair_rule={RS_RULE}"],
-        "ropo_auto": [*auto, "filter_score=preference"],
-        "ropo_auto_margin": [*auto, "filter_score=margin"],
-    }
-    return table[method]
 
 
 def _pick(s: TaskSettings, *keys: list[str]) -> dict[str, Any]:
@@ -173,7 +141,7 @@ class TrainJob:
 
     name: str  # train/<run dir relative to out>
     run_dir: Path
-    overrides: tuple[str, ...]
+    keys: dict[str, Any]  # `ropo train` key -> value
     inputs: dict[str, Any]
 
     @property
@@ -186,30 +154,36 @@ def train_job(
 ) -> TrainJob:
     """Stage 5: a DPO/ROPO run from the SFT model on the train pairs (`train` flips labels)."""
     run_dir = run_dir_for(out, method, noise, seed)
-    overrides = (
-        f"model={sft_model(out)}",
-        f"data={out / 'pairs_train.jsonl'}",
-        f"out={run_dir}",
-        "overwrite=true",  # the stage runs again only when its inputs changed: start over
-        f"noise={noise}",
-        f"seed={seed}",
-        f"lr={s.lr}",
-        f"beta={s.beta}",
-        f"batch_size={s.batch_size}",
-        f"max_length={sft_positions(s)}",  # no longer than the SFT model's positions
-        "log_every=5",
-        f"rs_temperature={s.temperature}",
-        f"rs_max_new_tokens={s.max_new_tokens}",
-        f"device={s.device}",
-        *method_overrides(method, s, noise),
-    )
-    inputs = {"pairs": pairs.key, "overrides": list(overrides)}
-    return TrainJob(f"train/{run_dir.relative_to(out)}", run_dir, overrides, inputs)
+    keys = {
+        **stage_run_keys(sft_model(out), out / "pairs_train.jsonl", run_dir, noise, seed),
+        **s.run_keys(),
+        "max_length": sft_positions(s),  # no longer than the SFT model's positions
+        **method_keys(method, s, noise),
+    }
+    inputs = {"pairs": pairs.key, "keys": keys}
+    return TrainJob(f"train/{run_dir.relative_to(out)}", run_dir, keys, inputs)
+
+
+def stage_run_keys(
+    model: str | Path, data: Path, run_dir: Path, noise: float, seed: int
+) -> dict[str, Any]:
+    """The `ropo train` keys of a run that is a stage: its files, flip rate and seed, a metrics
+    line every 5 steps, and overwrite (the stage reruns only when its inputs changed, and then
+    starts over)."""
+    return {
+        "model": str(model),
+        "data": str(data),
+        "out": str(run_dir),
+        "overwrite": True,
+        "noise": noise,
+        "seed": seed,
+        "log_every": 5,
+    }
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
     """The work of stage 5: `ropo train` with the job's keys; its last metrics.jsonl line."""
-    train(load_config(None, list(job.overrides)))
+    train(build_config(job.keys))
     lines = (job.run_dir / "metrics.jsonl").read_text().splitlines()
     return {"last_round": json.loads(lines[-1])}
 

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from ropo.interrupt import Interrupted
-from ropo.task import evaluate
-from ropo.task.settings import METHOD_LABELS, TaskSettings
-from ropo.task.stage_cache import StageResult, cached_stage, forget_stage, record_stage
-from ropo.task.stages import TrainJob, run_dir_for, stage_eval, stage_train, train_job
-from ropo.task.workers import start_worker, train_in_worker, worker_threads
+from ropo_builtin import evaluate
+from ropo_builtin.settings import METHOD_LABELS, TaskSettings
+from ropo_builtin.stage_cache import StageResult, cached_stage, forget_stage, record_stage
+from ropo_builtin.stages import TrainJob, run_dir_for, stage_eval, stage_train, train_job
+from ropo_builtin.workers import start_worker, train_in_worker, worker_threads
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """How the built-in task skips work it has done: each stage records a hash of its inputs and of
-ropo's own source in <out>/stages/<name>.json, and is skipped when a rerun finds the same hash
-and its outputs in place.
+the source of ropo and of this package in <out>/stages/<name>.json, and is skipped when a rerun
+finds the same hash and its outputs in place.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ropo
+import ropo_builtin
 from ropo.interrupt import Interrupted
+
+# The code whose source is part of every stage's key: the library and this task.
+SOURCE_PACKAGES = (ropo, ropo_builtin)
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,8 @@ def record_stage(
 
 
 def _keyed(inputs: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """`inputs` with ropo's source fingerprint added, and their hash: the stage's key."""
-    inputs = {**inputs, "ropo_source": source_fingerprint()}
+    """`inputs` with the source fingerprint added, and their hash: the stage's key."""
+    inputs = {**inputs, "source": source_fingerprint()}
     return inputs, hashlib.sha256(
         json.dumps(inputs, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
@@ -86,16 +91,23 @@ def _keyed(inputs: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 @functools.cache
 def source_fingerprint() -> str:
-    """Hash of every .py file of the ropo package that is running.
+    """Hash of every .py file of the ropo and ropo_builtin packages that are running.
 
     Part of every stage's key: a stage computed by other code is rerun, never reused. Even a
     change of floating-point rounding moves a training run (README), so stale results would
     silently be another build's numbers.
     """
-    root = Path(ropo.__file__).parent
+    return fingerprint_of(SOURCE_PACKAGES)
+
+
+def fingerprint_of(packages: tuple[ModuleType, ...]) -> str:
+    """Hash of the names and bytes of every .py file under each of `packages`."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    for package in packages:
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            name = f"{package.__name__}/{path.relative_to(root)}"
+            digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

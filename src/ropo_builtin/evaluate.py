@@ -21,8 +21,8 @@ from ropo.filter.detection import auroc, drop_precision_recall
 from ropo.logps import PairLogps
 from ropo.logps_fused import score_pairs
 from ropo.models import Tokenizer, Transformer, load_model, load_tokenizer
-from ropo.task.pairs import sample_responses
-from ropo.task.sorting import correct_response, gold_reward
+from ropo_builtin.pairs import sample_responses
+from ropo_builtin.sorting import correct_response, gold_reward
 
 
 @dataclass(frozen=True)

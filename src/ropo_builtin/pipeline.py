@@ -17,15 +17,23 @@ from typing import Any
 
 import torch
 
+from ropo.config import describe_settings
+from ropo.config_load import load_settings
 from ropo.data import load_pairs
 from ropo.interrupt import Interrupted
 from ropo.resources import pick_device
-from ropo.task import evaluate, report, tables
-from ropo.task.runs import PlannedRun, Prepared, run_plan
-from ropo.task.settings import TaskSettings, equals_dpo, parse_settings
-from ropo.task.stage_cache import stage_seconds
-from ropo.task.stages import load_task, sft_model, stage_eval, stage_pairs, stage_sft, stage_task
-from ropo.task.sweep_stats import sweep_statistics
+from ropo_builtin import evaluate, report, tables
+from ropo_builtin.runs import PlannedRun, Prepared, run_plan
+from ropo_builtin.settings import COMMAND, TaskSettings, equals_dpo
+from ropo_builtin.stage_cache import stage_seconds
+from ropo_builtin.stages import load_task, sft_model, stage_eval, stage_pairs, stage_sft, stage_task
+from ropo_builtin.sweep_stats import sweep_statistics
+
+USAGE = """\
+The built-in task end to end: a sorting task with a gold reward, a tokenizer and a tiny Llama
+SFT'd from scratch, preference pairs of its samples, DPO and ROPO runs on them with `noise` of
+the labels flipped, held-out evaluation, and <out>/report.md. A rerun skips every stage it
+finds done; sweep=true runs the noise sweep. `make train` runs it with the defaults."""
 
 
 def prepare(s: TaskSettings, out: Path) -> Prepared:
@@ -58,10 +66,10 @@ def prepare(s: TaskSettings, out: Path) -> Prepared:
     return Prepared(pairs, sft_eval, judge)
 
 
-def run_builtin(settings: TaskSettings, out: Path) -> dict[str, Any]:
+def run_builtin(settings: TaskSettings) -> dict[str, Any]:
     """The default demonstration: every method of `settings.methods` at noise `settings.noise`
     (dpo_clean at 0), evaluated on held-out prompts; writes results.json and report.md."""
-    start, out = time.perf_counter(), Path(out)
+    start, out = time.perf_counter(), Path(settings.out)
     prepared = prepare(settings, out)
     plan = [
         PlannedRun(method, 0.0 if method == "dpo_clean" else settings.noise, settings.seed)
@@ -100,11 +108,11 @@ def sweep_plan(s: TaskSettings) -> tuple[list[PlannedRun], list[dict[str, Any]]]
     return sorted(plan, key=lambda run: s.sweep_seeds.index(run.seed)), skipped
 
 
-def run_sweep(settings: TaskSettings, out: Path) -> dict[str, Any]:
+def run_sweep(settings: TaskSettings) -> dict[str, Any]:
     """Each of `sweep_methods` at each of `sweep_noises` and `sweep_seeds`, reusing stages 1-3
-    (and any run the demo trained) of `out`; writes sweep_results.json, with the paired
+    (and any run the demo trained) of `settings.out`; writes sweep_results.json, with the paired
     statistics of sweep_stats.py, and adds the sweep to report.md."""
-    start, out = time.perf_counter(), Path(out)
+    start, out = time.perf_counter(), Path(settings.out)
     prepared = prepare(settings, out)
     plan, skipped = sweep_plan(settings)
     for skip in skipped:
@@ -134,12 +142,18 @@ def _write_results(out: Path, filename: str, results: dict[str, Any], table: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ropo.task.pipeline [out=DIR] [sweep=true] [setting=value ...]`."""
-    out: Path | str = "its out= directory"
+    """`ropo builtin [key=value ...]` (also `python -m ropo_builtin`): 0 when done, 2 with one
+    line on a user's error, 128 + N on signal N (the finished stages are kept)."""
+    words = sys.argv[1:] if argv is None else argv
+    if any(word in ("-h", "--help") for word in words):
+        print(f"usage: {COMMAND} [key=value ...]\n\n{USAGE}\n\n{describe_settings(TaskSettings)}")
+        return 0
+    out = "its out= directory"
     try:
-        settings, out, sweep = parse_settings(sys.argv[1:] if argv is None else argv)
+        settings = load_settings(TaskSettings, words, COMMAND)
+        out = settings.out
         pick_device(settings.device)  # device=cuda without CUDA fails now, not after stage 1
-        (run_sweep if sweep else run_builtin)(settings, out)
+        (run_sweep if settings.sweep else run_builtin)(settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"ropo builtin: error: {err}", file=sys.stderr)
         return 2
@@ -151,7 +165,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return stop.exit_code
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ropo.task.tables import sweep_label
+from ropo_builtin.tables import sweep_label
 
 COLORS = {
     "sft": "#777777",

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ropo.task.plots import plot_filtering, plot_margins, plot_summary, plot_sweep, plot_training
-from ropo.task.stats import RESAMPLES
-from ropo.task.tables import (
+from ropo_builtin.plots import plot_filtering, plot_margins, plot_summary, plot_sweep, plot_training
+from ropo_builtin.stats import RESAMPLES
+from ropo_builtin.tables import (
     filtering_table,
     findings,
     results_table,
@@ -140,7 +140,7 @@ def sweep_section(out: Path, sweep: dict[str, Any]) -> list[str]:
         "prompts) [95% interval]; ✓ marks a method ahead of DPO with 95% confidence. "
         "Recovered: (method − noisy DPO) / (clean DPO − noisy DPO) [95% interval]. Every "
         f"interval is a percentile bootstrap ({RESAMPLES} resamples of seeds and prompts, "
-        "task/stats.py).",
+        "ropo_builtin/stats.py).",
         "",
         sweep_table(sweep),
         "",

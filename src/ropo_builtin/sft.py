@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ropo.config_load import load_config
+from ropo.config_load import build_config
 from ropo.models import ModelConfig, Tokenizer, Transformer, save_model
 from ropo.sft import sft
 from ropo.sft_config import SftConfig
-from ropo.task.settings import TaskSettings
+from ropo_builtin.settings import TaskSettings
 
 
 def tiny_llama_config(
@@ -76,21 +76,21 @@ def train_sft(
     AdamW with weight decay 0.01, 5% warm-up then cosine decay, gradients clipped at norm 1;
     the examples are drawn in a seeded order, epoch after epoch, for `sft_steps` steps.
     """
-    overrides = [
-        f"model={init_dir}",
-        f"data={data_file}",
-        f"out={run_dir}",
-        "overwrite=true",  # the stage runs again only when its inputs changed: start over
-        "template=plain",  # the task's prompts are plain text
-        f"max_length={max_length}",
-        f"steps={s.sft_steps}",
-        f"batch_size={s.sft_batch_size}",
-        f"lr={s.sft_lr}",
-        "weight_decay=0.01",
-        "warmup_ratio=0.05",
-        f"seed={s.seed}",
-        f"device={s.device}",
-    ]
-    sft(load_config(None, overrides, config=SftConfig))
+    keys = {
+        "model": str(init_dir),
+        "data": str(data_file),
+        "out": str(run_dir),
+        "overwrite": True,  # the stage runs again only when its inputs changed: start over
+        "template": "plain",  # the task's prompts are plain text
+        "max_length": max_length,
+        "steps": s.sft_steps,
+        "batch_size": s.sft_batch_size,
+        "lr": s.sft_lr,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.05,
+        "seed": s.seed,
+        "device": s.device,
+    }
+    sft(build_config(keys, config=SftConfig))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
