@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ropo.config import describe_settings
+from ropo.config_fields import describe_settings
 from ropo.config_load import load_settings
 from ropo.data import load_pairs
 from ropo.interrupt import Interrupted

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ropo.config import check_range, setting
+from ropo.config_fields import check_range, setting
 from ropo.config_load import build_config
 
 COMMAND = "ropo builtin"
