@@ -37,10 +37,11 @@ def write_report(out: Path) -> Path:
     return path
 
 
-def default_section(out: Path, results: dict[str, Any]) -> list[str]:
+def what_was_run(results: dict[str, Any]) -> list[str]:
+    """The report's description of the task, the methods and the evaluation, from the settings."""
     s, pairs = results["settings"], results["pairs"]
     train = pairs["train"]
-    parts = [
+    return [
         "## What was run",
         "",
         f"- Task: sort {s['min_len']}-{s['max_len']} numbers (0-9). Gold reward = share of "
@@ -71,6 +72,12 @@ def default_section(out: Path, results: dict[str, Any]) -> list[str]:
         f"count 1/2); preference accuracy of the implicit reward on {pairs['heldout']['pairs']} "
         "clean held-out pairs.",
         "",
+    ]
+
+
+def default_section(out: Path, results: dict[str, Any]) -> list[str]:
+    parts = [
+        *what_was_run(results),
         "## Results",
         "",
         results_table(results),
