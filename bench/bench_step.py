@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         results["decoding"] = decoding | {"targets": decoding_targets(decoding)}
     results["wall_seconds"] = time.perf_counter() - start
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
+    if variants:
+        print_table(results)
     print_decoding(results.get("decoding"))
     print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
     guards_ok = all(v["guard_ok"] for v in variants.values())
