@@ -1,6 +1,7 @@
 """models/kernels.py's variants against the textbook modules of models/llama.py (and the formulas
 transformers writes), values and gradients: RMSNorm's closed-form backward, the roll form of
-RoPE, the k/v copy for grouped-query attention, and whole models with every variant swapped in."""
+RoPE, the k/v copy for grouped-query attention, the weight-first linear layer of decoding, and
+whole models with every variant swapped in."""
 
 import copy
 
@@ -13,6 +14,7 @@ from ropo.models.kernels import (
     KvCopyAttention,
     RMSNormFunction,
     RolledRotaryEmbedding,
+    WeightFirstLinear,
     use_fast_kernels,
 )
 from ropo.models.llama import Attention, RMSNorm, RotaryEmbedding, causal_mask
@@ -165,5 +167,34 @@ def test_swap_keeps_parameters_and_names() -> None:
     assert [name for name, _ in after] == [name for name, _ in before]
     assert all(a is b for (_, a), (_, b) in zip(after, before, strict=True))  # same objects
     kinds = {type(m) for m in model.modules()}
-    assert {FastRMSNorm, KvCopyAttention, RolledRotaryEmbedding} <= kinds
-    assert not kinds & {RMSNorm, Attention, RotaryEmbedding}
+    assert {FastRMSNorm, KvCopyAttention, RolledRotaryEmbedding, WeightFirstLinear} <= kinds
+    assert not kinds & {RMSNorm, Attention, RotaryEmbedding, torch.nn.Linear}
+
+
+@pytest.mark.parametrize("rows", [2, 8, 64])
+def test_weight_first_linear_equals_linear_in_a_decode_step(rows: int) -> None:
+    textbook = torch.nn.Linear(256, 1024, bias=False)  # 1 MiB: past the size threshold
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    assert type(fast) is WeightFirstLinear
+    assert fast.weight.nbytes >= WeightFirstLinear.MIN_WEIGHT_BYTES
+    x = torch.randn(rows, 1, 256, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        got, want = fast(x), textbook(x)
+        weight_first = (textbook.weight @ x[:, 0].t()).t()[:, None]  # what the variant computes
+    assert got.shape == want.shape == (rows, 1, 1024) and got.is_contiguous()
+    assert torch.equal(got, weight_first)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same sums, reordered
+
+
+@pytest.mark.parametrize("case", ["autograd", "one row", "many rows", "small weight"])
+def test_weight_first_linear_is_linear_itself_outside_decoding(case: str) -> None:
+    in_features, rows = (16, 8) if case == "small weight" else (256, 8)
+    rows = {"one row": 1, "many rows": 65}.get(case, rows)
+    textbook = torch.nn.Linear(in_features, 1024, bias=False)
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(case != "autograd"):
+        got, want = fast(x), textbook(x)
+    assert torch.equal(got, want)  # bit for bit: nn.Linear's own kernel
+    if case == "autograd":
+        assert got.requires_grad
