@@ -14,10 +14,11 @@ from ropo.models.kernels import (
     KvCopyAttention,
     RMSNormFunction,
     RolledRotaryEmbedding,
+    SwiGLUFeedForward,
     WeightFirstLinear,
     use_fast_kernels,
 )
-from ropo.models.llama import Attention, RMSNorm, RotaryEmbedding, causal_mask
+from ropo.models.llama import Attention, FeedForward, RMSNorm, RotaryEmbedding, causal_mask
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,6 +120,20 @@ def test_rope_roll_form_equals_rotate_half(dtype, tol) -> None:
         assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rolled_rotation_is_autograd_through_the_roll_form_bit_for_bit(dtype) -> None:
+    torch.manual_seed(0)
+    rope = RolledRotaryEmbedding(16, 10000.0)(torch.tensor([[0, 1, 2, 7, 50]]), dtype)
+    x, grad_out = torch.randn(1, 5, 3, 16).to(dtype), torch.randn(1, 5, 3, 16).to(dtype)
+
+    def by_autograd(x: torch.Tensor) -> torch.Tensor:  # the formula the node replaces
+        return torch.addcmul(x * rope.cos, x.roll(8, dims=-1), rope.sin)
+
+    fused = values_and_grads(rope.rotate, x, grad_out=grad_out)
+    reference = values_and_grads(by_autograd, x, grad_out=grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(fused, reference, strict=True))
+
+
 def test_kv_copy_equals_enable_gqa_under_a_mask() -> None:
     # KvCopyAttention copies k and v to H heads (on CUDA only); the copy reads as enable_gqa does.
     config = our_model("llama", num_attention_heads=8, num_key_value_heads=2).config
@@ -167,8 +182,15 @@ def test_swap_keeps_parameters_and_names() -> None:
     assert [name for name, _ in after] == [name for name, _ in before]
     assert all(a is b for (_, a), (_, b) in zip(after, before, strict=True))  # same objects
     kinds = {type(m) for m in model.modules()}
-    assert {FastRMSNorm, KvCopyAttention, RolledRotaryEmbedding, WeightFirstLinear} <= kinds
-    assert not kinds & {RMSNorm, Attention, RotaryEmbedding, torch.nn.Linear}
+    fast = {
+        FastRMSNorm,
+        KvCopyAttention,
+        RolledRotaryEmbedding,
+        SwiGLUFeedForward,
+        WeightFirstLinear,
+    }
+    assert fast <= kinds
+    assert not kinds & {RMSNorm, Attention, RotaryEmbedding, FeedForward, torch.nn.Linear}
 
 
 @pytest.mark.parametrize("rows", [2, 8, 64])
@@ -198,3 +220,40 @@ def test_weight_first_linear_is_linear_itself_outside_decoding(case: str) -> Non
     assert torch.equal(got, want)  # bit for bit: nn.Linear's own kernel
     if case == "autograd":
         assert got.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_feed_forward_equals_the_textbook_module_bit_for_bit(dtype) -> None:
+    textbook = our_model("llama").layers[0].feed_forward.to(dtype)
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    assert type(fast) is SwiGLUFeedForward
+    x = torch.randn(2, 5, textbook.w1.in_features, generator=torch.Generator().manual_seed(0))
+    grad_out = torch.randn(
+        2, 5, textbook.w2.out_features, generator=torch.Generator().manual_seed(1)
+    )
+    results = []
+    for module in (fast, textbook):
+        values = values_and_grads(module, x.to(dtype), grad_out=grad_out)
+        results.append([*values, *(p.grad for p in module.parameters())])
+    for ours, reference in zip(results[0], results[1], strict=True):
+        assert torch.equal(ours, reference)
+
+
+def test_swiglu_keeps_one_intermediate_tensor_fewer_for_backward() -> None:
+    textbook = our_model("llama").layers[0].feed_forward
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    x = torch.randn(3, 7, textbook.w1.in_features, requires_grad=True)
+
+    def saved_elements(module: torch.nn.Module) -> int:
+        sizes = {}  # by storage: one tensor saved by two nodes counts once
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return sum(sizes.values()) - x.numel()  # x itself is no activation
+
+    per_tensor = 3 * 7 * textbook.w1.out_features
+    assert saved_elements(textbook) - saved_elements(fast) == per_tensor
