@@ -38,6 +38,16 @@ def test_greedy_with_cache_equals_recomputing(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+def test_unpadded_prompts_equal_recomputing(name: str) -> None:
+    # Prompts of one length need no mask in their pass, unless Mistral's window is shorter.
+    kind, overrides = MODELS[name]
+    model = our_model(kind, **overrides)
+    prompts = [PROMPTS[1][:6], PROMPTS[2][:6]]
+    got = generate(model, prompts, max_new_tokens=6, temperature=0)
+    assert got == [greedy_by_recomputing(model, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_greedy_equals_transformers_generate(name: str, tmp_path) -> None:
     kind, overrides = MODELS[name]
     # no eos in the oracle's config, so it runs the full length as we do with eos_id=None

@@ -68,7 +68,13 @@ def cached_last_logits(
     llama.py's Block.forward, with this call's keys and values written into the cache between
     the projections and attention. positions (B, T): RoPE positions; real (B, T): not padding.
     """
-    attn_mask = causal_mask(cache.add_tokens(real), model.config.sliding_window, cache.length)
+    real_keys = cache.add_tokens(real)  # (B, S)
+    window = model.config.sliding_window
+    unpadded_prompt = cache.length == 0 and (window is None or window >= real.shape[1])
+    if unpadded_prompt and bool(real.all()):
+        attn_mask = None  # plain causal attention: SDPA's is_causal, no (B, 1, T, T) mask to read
+    else:
+        attn_mask = causal_mask(real_keys, window, cache.length)
     x = model.tok_embeddings(tokens)  # (B, T, C)
     rope = model.rope(positions, x.dtype)
     for i, block in enumerate(model.layers):
