@@ -49,7 +49,9 @@ def ours_greedy(model: Transformer, prompts: list[list[int]], new_tokens: int) -
     return generate(model, prompts, new_tokens, temperature=0)
 
 
-def load_transformers(model_dir: Path) -> Any:
+def load_transformers(
+    model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Any:
     """The checkpoint as transformers' LlamaForCausalLM (SDPA attention), its EOS switched off.
 
     generate fills whatever its generation_config argument leaves unset from the checkpoint's
@@ -57,7 +59,7 @@ def load_transformers(model_dir: Path) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     return hf
 
@@ -66,7 +68,7 @@ def transformers_greedy(hf: Any, prompts: list[list[int]], new_tokens: int) -> l
     """transformers' generate, greedy, its default cache; `hf` from load_transformers."""
     from transformers import GenerationConfig
 
-    ids = torch.tensor(prompts)  # (B, P): equal lengths, nothing to pad
+    ids = torch.tensor(prompts, device=hf.device)  # (B, P): equal lengths, nothing to pad
     config = GenerationConfig(
         max_new_tokens=new_tokens, do_sample=False, pad_token_id=hf.config.pad_token_id
     )
@@ -82,7 +84,7 @@ def transformers_margins(
     runner-up (B, new_tokens): how near a tie each choice was, to tell rounding from a bug."""
     from transformers import GenerationConfig
 
-    ids = torch.tensor(prompts)  # (B, P)
+    ids = torch.tensor(prompts, device=hf.device)  # (B, P)
     config = GenerationConfig(
         max_new_tokens=new_tokens,
         do_sample=False,
@@ -92,8 +94,8 @@ def transformers_margins(
     )
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    top2 = torch.stack(out.logits, dim=1).topk(2, dim=-1).values  # (B, new_tokens, 2)
-    return out.sequences[:, ids.shape[1] :].tolist(), top2[..., 0] - top2[..., 1]
+    top2 = torch.stack(out.logits, dim=1).float().topk(2, dim=-1).values  # (B, new_tokens, 2)
+    return out.sequences[:, ids.shape[1] :].tolist(), (top2[..., 0] - top2[..., 1]).cpu()
 
 
 def first_difference(
@@ -113,16 +115,18 @@ def first_difference(
     return None
 
 
-def copy_bandwidth(mib: int = 256, seconds: float = 1.0) -> float:
+def copy_bandwidth(mib: int = 256, seconds: float = 1.0, device: str = "cpu") -> float:
     """Best bytes/s of one large fp32 tensor copy, counting its read and its write (as STREAM's
-    copy does), over about `seconds` seconds. `mib` per tensor, well above any CPU cache."""
-    src = torch.randn(mib * 2**18)
+    copy does), over about `seconds` seconds. `mib` per tensor, well above any cache."""
+    src = torch.randn(mib * 2**18, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: pages touched, thread pool started
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         tick = time.perf_counter()
         dst.copy_(src)
+        if src.is_cuda:
+            torch.cuda.synchronize()
         best = max(best, 2 * src.nbytes / (time.perf_counter() - tick))
     return best
 
@@ -206,25 +210,32 @@ def summarize(
     }
 
 
-def run_decoding(model_dir: Path, workload: DecodeWorkload, repeats: int) -> dict[str, Any]:
+def run_decoding(
+    model_dir: Path,
+    workload: DecodeWorkload,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Load both sides from `model_dir`, check their greedy tokens, then time them in turn.
 
     The equality check runs first and doubles as both sides' warm-up; "first_difference" says
     where they part when they do (the caller fails the bench then), "smallest_margin" how near
-    a tie the closest of transformers' choices was.
+    a tie the closest of transformers' choices was. On CUDA (bench/gpu_measure.py) the copy
+    that measures the bandwidth is 1 GiB, past the L2 cache of any GPU.
     """
-    ours = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
-    hf = load_transformers(model_dir)
+    ours = load_model(model_dir, dtype=dtype, device=device).eval()
+    hf = load_transformers(model_dir, dtype, device)
     prompts = make_prompts(workload, ours.config.vocab_size, ours.config.bos_token_id or 1)
     theirs, margins = transformers_margins(hf, prompts, workload.new_tokens)
     difference = first_difference(ours_greedy(ours, prompts, workload.new_tokens), theirs, margins)
     seconds = time_both(ours, hf, prompts, workload, repeats)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(mib=1024 if device != "cpu" else 256, device=device)
     summary = summarize(seconds, workload, decode_bytes_per_step(ours, workload), bandwidth)
     return {
         "same_tokens": difference is None,
         "first_difference": difference,
         "smallest_margin": margins.min().item(),
-        "workload": vars(workload),
+        "workload": vars(workload) | {"dtype": str(dtype), "device": device},
         "seconds": seconds,
     } | summary

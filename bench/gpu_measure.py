@@ -1,5 +1,6 @@
 """GPU measurements in one run: matmul peak, our training step for 1B- and 7B-shaped Llamas,
-largest batch, scoring and sampling throughput, and a transformers-based DPO step as baseline.
+largest batch, scoring and sampling throughput, a transformers-based DPO step as baseline, and
+greedy decoding at 7B against transformers' generate (section `decode`, bench/decoding.py).
 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python3 bench/gpu_measure.py [--out DIR] [--quick]
@@ -11,12 +12,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from decoding import DecodeWorkload, run_decoding
 
 from ropo.config import OptimSettings
 from ropo.data import TokenizedPair
@@ -249,6 +252,46 @@ def scoring_and_sampling(shape: str, prompt: int, response: int) -> dict:
     }
 
 
+def decoding_vs_transformers(shape: str, workload: DecodeWorkload, device: str = "cuda") -> dict:
+    """Greedy decoding in bf16, ours against transformers' generate on one random checkpoint of
+    `shape` (written to a temporary directory in the Hugging Face layout, loaded by both sides):
+    the same tokens, new tokens/s of each, and our decode steps against the bandwidth bound."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model_config(shape)
+    config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.dim,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(torch.bfloat16)  # transformers' init: std 0.02
+    with tempfile.TemporaryDirectory(prefix="ropo-decode-") as work_dir:
+        hf.save_pretrained(work_dir)
+        del hf
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result = run_decoding(Path(work_dir), workload, 2, torch.bfloat16, device)
+    ours = result["sides"]["ours"]
+    result["targets"] = {  # issue #17: >= 8k new tokens/s at batch 64, >= 60% of the bound
+        "new_tokens_per_s": {"value": ours["new_tokens_per_s"], "target": 8000},
+        "share_of_bound": {"value": ours["share_of_bound"], "target": 0.6},
+    }
+    return result
+
+
 def precision_check(shape: str, prompt: int, response: int) -> dict:
     """How far bf16 log-probs fall from fp32 ones: summed response log-probs and DPO margins."""
     model = build(shape, torch.float32, False).eval()
@@ -333,7 +376,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/_work")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sections", default="peak,1b,baseline,precision,7b,score")
+    parser.add_argument("--sections", default="peak,decode,1b,baseline,precision,7b,score")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +403,15 @@ def main() -> None:
         flush=True,
     )
     save()
+    if "decode" in sections:
+        new = 64 if args.quick else 256
+        workload = DecodeWorkload(batch=64, prompt_tokens=prompt, new_tokens=new)
+        try:
+            results["7b_decoding"] = decoding_vs_transformers("7b", workload)
+        except Exception as err:  # noqa: BLE001  (a failure here must not lose the rest)
+            results["7b_decoding"] = {"error": repr(err)}
+        print("7b decoding:", json.dumps(results["7b_decoding"].get("sides")), flush=True)
+        save()
     if "1b" in sections:
         results["1b_bf16_mixed"] = sweep_batches(
             "1b",

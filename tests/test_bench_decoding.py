@@ -111,3 +111,18 @@ def test_bytes_per_step_count_weights_once_and_the_live_cache(
     assert got["weights"] == 4 * params
     # 3 rows x (5 + 12/2) keys x k and v x layers x kv heads x head size x 4 bytes
     assert got["kv_cache"] == 3 * 11 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+
+
+def test_gpu_scripts_decoding_section_runs_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench/gpu_measure.py's `decode` section, on CPU at a tiny shape: checkpoint written, both
+    # sides loaded in bf16, tokens compared, targets attached. (Its timings mean nothing here.)
+    monkeypatch.syspath_prepend(str(DECODING_FILE.parent))
+    gpu_measure = importlib.import_module("gpu_measure")
+    tiny = {"vocab_size": 96, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
+    monkeypatch.setitem(gpu_measure.SHAPES, "tiny", tiny | {"head_dim": 8, "intermediate_size": 64})
+    workload = gpu_measure.DecodeWorkload(batch=2, prompt_tokens=4, new_tokens=3)
+    result = gpu_measure.decoding_vs_transformers("tiny", workload, device="cpu")
+    assert result["workload"]["dtype"] == "torch.bfloat16"
+    assert result["first_difference"] is None or result["first_difference"].startswith("row ")
+    assert set(result["targets"]) == {"new_tokens_per_s", "share_of_bound"}
+    assert result["sides"]["ours"]["runs_timed"] == 2
