@@ -76,19 +76,29 @@ class RolledRotation(torch.autograd.Function):
     """RolledRope's rotation as one autograd node that saves only cos and sin, which every layer
     shares, instead of a rolled copy of q and of k per layer (140 MB at SmolLM2-135M's shape and
     1,536 tokens). Rolling by D/2 is its own inverse, so the backward is
-    grad * cos + roll(grad * signed_sin): autograd's two terms, the same kernels, the same sum.
+    grad * cos + roll(grad * signed_sin): autograd's two terms in the same order. Both ways the
+    roll is no tensor of its own: each half of the output adds the other half's product in
+    place, the same sums as the roll and addcmul of the formula, to the bit.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
         ctx.save_for_backward(cos, signed_sin)
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+        out = x * cos
+        half = x.shape[-1] // 2
+        out[..., :half].addcmul_(x[..., half:], signed_sin[..., :half])  # roll(x)[j] = x[j + D/2]
+        out[..., half:].addcmul_(x[..., :half], signed_sin[..., half:])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
         cos, signed_sin = ctx.saved_tensors
-        rolled = (grad_out * signed_sin).roll(grad_out.shape[-1] // 2, dims=-1)
-        return grad_out * cos + rolled, None, None
+        by_sin = grad_out * signed_sin
+        grad_x = grad_out * cos
+        half = grad_x.shape[-1] // 2
+        grad_x[..., :half] += by_sin[..., half:]
+        grad_x[..., half:] += by_sin[..., :half]
+        return grad_x, None, None
 
 
 class RolledRotaryEmbedding(RotaryEmbedding):
