@@ -84,6 +84,17 @@ class SectionedConfig:
         return flat
 
 
+def describe_keys(config: type[SectionedConfig]) -> str:
+    """A table of every key of `config`, its default and its meaning, section by section (`ropo
+    keys`, `ropo sft --help`)."""
+    lines = []
+    for section, cls in config.sections().items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """ValueError naming `name` and `value` unless `value` is one of `choices`."""
     if value not in choices:

@@ -136,7 +136,7 @@ def input_fingerprints(
     """sha256 of each input a run reads: model weights and config, tokenizer files, data file,
     and the reference model's weights and config when it is not the model directory itself."""
     # Imported here: the CLI reads run.json through this module before torch is loaded.
-    from ropo.ref_cache import file_sha256, fingerprint_model_dir
+    from ropo.fingerprints import file_sha256, fingerprint_model_dir
 
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     inputs = {
@@ -154,7 +154,7 @@ def input_fingerprints(
 
 
 def _files_sha256(paths: list[Path]) -> str:
-    from ropo.ref_cache import file_sha256
+    from ropo.fingerprints import file_sha256
 
     listing = "".join(f"{path.name}:{file_sha256(path)}\n" for path in paths)
     return hashlib.sha256(listing.encode()).hexdigest()

@@ -15,12 +15,13 @@ import torch
 
 from ropo import run_dir
 from ropo.checkpoint import latest_checkpoint
-from ropo.config import RunConfig, RunDirSettings
+from ropo.config import RunConfig
+from ropo.config_machinery import RunDirSettings
 from ropo.distributed import is_main
+from ropo.fingerprints import fingerprint_model_dir
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.export import TokenizerExport
-from ropo.ref_cache import fingerprint_model_dir
 from ropo.resources import DTYPES
 from ropo.sft_config import SftConfig
 from ropo.step import StepSettings
