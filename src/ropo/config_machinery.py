@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropo.config_fields import check_choice, check_device, check_range, setting
+from ropo.config_fields import DTYPE_NAMES, check_choice, check_device, check_range, setting
 
 # Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -27,7 +27,7 @@ class PolicySettings:
         "HF model directory (config.json, safetensors, tokenizer.model or tokenizer.json) or a "
         "preset name (llama2-7b, mistral-7b, smollm2-135m) looked up under $MODELS_DIR",
     )
-    dtype: str = setting("float32", "weights dtype: float32 | bfloat16 | float16")
+    dtype: str = setting("float32", "weights dtype: " + " | ".join(DTYPE_NAMES))
     save_dtype: str = setting(
         "",
         "dtype of the weights in <out>/final: float32 | bfloat16 | float16 ('' = the dtype of "
@@ -54,9 +54,9 @@ class PolicySettings:
     )
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
         if self.save_dtype:  # '' follows the input checkpoint
-            check_choice("save_dtype", self.save_dtype, ("float32", "bfloat16", "float16"))
+            check_choice("save_dtype", self.save_dtype, DTYPE_NAMES)
         check_choice("autocast", self.autocast, ("none", "bfloat16"))
         check_device(self.device)
         check_range("lora_rank", self.lora_rank, 0, None)
