@@ -43,7 +43,7 @@ from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.sft_config import SftConfig, SftOptimSettings
 from ropo.sft_data import SftExample, load_demonstrations, tokenize_demonstrations
 from ropo.step import StepSettings, apply_step, autocast, clip_gradients, epoch_steps, learning_rate
-from ropo.training_run import LoopPosition, TrainingRun, identify_run
+from ropo.training_run import LoopPosition, TrainingRun, identify_run, run_directory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +67,7 @@ def sft(cfg: SftConfig) -> Path:
     """Fine-tune `model` on the examples of `data` as `cfg` says; returns the run directory, whose
     final/ holds the model. Ctrl-C or SIGTERM (under interrupt.handled) raise Interrupted, which
     says where the run stopped."""
-    out = Path(cfg.run.resume or cfg.run.out)
-    run_dir.check_writable_dir(out, "out")
+    out = run_directory(cfg)
     with run_dir.locked(out):
         start = time.perf_counter()
         run = start_sft(cfg)

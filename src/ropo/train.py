@@ -55,19 +55,17 @@ from ropo.step import (
     train_step,
 )
 from ropo.summary import run_summary
+from ropo.training_run import run_directory
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the whole ROPO pipeline described by `cfg`; returns the run directory.
 
-    The run directory stays locked while the run lives. Ctrl-C or SIGTERM (with `interrupt.handled`
-    in force, as under the CLI) raise `Interrupted`, which says where the run stopped.
+    A missing model or data file fails before the run directory is made (run_directory); the
+    directory stays locked while the run lives. Ctrl-C or SIGTERM (with `interrupt.handled` in
+    force, as under the CLI) raise `Interrupted`, which says where the run stopped.
     """
-    out = Path(cfg.run.resume or cfg.run.out)
-    run_dir.check_writable_dir(out, "out")
-    if cfg.run.cache_dir:
-        run_dir.check_writable_dir(Path(cfg.run.cache_dir), "cache_dir")
-    with run_dir.locked(out):
+    with run_dir.locked(run_directory(cfg)):
         start = time.perf_counter()
         run = start_run(cfg)
         ref = reference(run, run.data.tokens)
