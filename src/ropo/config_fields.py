@@ -4,7 +4,8 @@ Part of the first stage, the configuration. A key is a field of a frozen datacla
 `setting` (its default and help line); its `__post_init__` checks the value with the `check_*`
 functions below, so a bad value fails when the config is read, before anything else runs.
 `config.py` (`ropo train`), `sft_config.py`, `eval_config.py` and `generate_config.py` build on
-them; `SectionedConfig` gathers settings classes into one command's config.
+them; `SectionedConfig` gathers settings classes into one command's config, and `setting_like`
+lets another command (or a task beside the library) take a key as `ropo train` declares it.
 """
 
 from __future__ import annotations
