@@ -56,7 +56,7 @@ POINTS = {
     ),
     "rejection_sampling": Point(
         "filter/rejection.py: a batch of prompts sampled, not yet scored",
-        (("ropo.filter.rejection", "generate"),),
+        (("ropo.filter.rejection", "sample_responses"),),
         after=True,
     ),
 }

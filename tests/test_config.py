@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import ropo
-from ropo.config import KEYS, SECTIONS, describe_keys
+from ropo.config import KEYS, SECTIONS, RunConfig
+from ropo.config_fields import describe_keys
 from ropo.config_load import load_config
 
 
@@ -68,7 +69,7 @@ def test_resume_refuses_a_changed_computation() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    table = describe_keys()
+    table = describe_keys(RunConfig)
     for key, (_, field) in KEYS.items():
         assert field.metadata["help"], key
         assert key in table
@@ -143,10 +144,11 @@ def test_a_directory_is_no_config_file(tmp_path: Path) -> None:
 
 
 SOURCE = Path(ropo.__file__).parent
+CONFIG_FILES = ("config.py", "config_machinery.py", "config_fields.py", "config_load.py")
 READERS = {
     path: path.read_text()
     for path in sorted(SOURCE.rglob("*.py"))
-    if path not in (SOURCE / "config.py", SOURCE / "config_fields.py", SOURCE / "config_load.py")
+    if path not in [SOURCE / name for name in CONFIG_FILES]
 }
 
 

@@ -172,11 +172,12 @@ def test_a_cell_averages_each_prompt_over_seeds() -> None:
 def test_settings_lists_are_parsed_and_checked() -> None:
     words = ["out=x", "noise=0,0.25", "seeds=3", "methods=ropo"]
     s = load_settings(ConstraintSettings, words, "test")
-    assert (s.noise_rates, s.seed_list, s.method_names) == ((0.0, 0.25), (3,), ("ropo",))
+    assert (s.noise, s.seeds, s.methods) == ((0.0, 0.25), (3,), ("ropo",))
     for word, message in [
         ("noise=0.1,0.5", "'noise' = 0.5 must be >= 0.0 and < 0.5"),
         ("seeds=1,1", "'seeds' = '1,1' must list distinct values"),
-        ("seeds=a", "'seeds' = 'a' must be comma-separated int values"),
+        ("seeds=", "'seeds' = '' must list distinct values, at least one"),
+        ("seeds=a", "'seeds' expects int values separated by commas, got 'a'"),
         ("methods=dpo,ipo", "ipo not among dpo, ropo, ropo_auto"),
         ("k=1", "'k' = 1 must be >= 2"),
     ]:

@@ -29,10 +29,10 @@ import torch
 import fault_launcher
 import ropo.step as step_module
 from conftest import WORDS, write_synthetic_pairs
-from ropo.audit import truncate_jsonl
 from ropo.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from ropo.cli import main
 from ropo.data import load_pairs, tokenize_pairs
+from ropo.jsonl import truncate_jsonl
 from ropo.logps import PairLogps
 from ropo.loss import get_loss
 from ropo.models import load_model, load_tokenizer, save_model

@@ -230,7 +230,7 @@ def test_mt_bench_turn_two_prompt_holds_the_conversation(
         seen.append(prompts)
         return generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr("ropo.generate.generate", recording_generate)
+    monkeypatch.setattr("ropo.models.responses.generate", recording_generate)
     records = read_prompts(tmp_path / "question.jsonl", multi_turn=True).records
     cfg = settings(model="-", prompts="-", out="-", template="mistral-instruct", max_new_tokens=4)
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)

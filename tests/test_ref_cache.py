@@ -18,7 +18,7 @@ import torch
 
 from conftest import WORDS
 from model_fixtures import randomize_
-from ropo import ref_cache
+from ropo import ref_cache, ref_cache_files
 from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.data import TokenizedPair, load_pairs, tokenize_pairs
@@ -44,11 +44,11 @@ def test_the_logp_convention_is_part_of_the_fingerprint(
     pairs = tiny_pairs(tiny_model_dir, tiny_pairs_file)
 
     def where() -> tuple[Path, str]:
-        return ref_cache.cache_location(tiny_model_dir, pairs, tmp_path, torch.float32, "cpu")
+        return ref_cache_files.cache_location(tiny_model_dir, pairs, tmp_path, torch.float32, "cpu")
 
     path, fingerprint = where()
     assert where() == (path, fingerprint)  # deterministic, so the difference below is the string
-    monkeypatch.setattr(ref_cache, "LOGP_CONVENTION", OLD_CONVENTION)
+    monkeypatch.setattr(ref_cache_files, "LOGP_CONVENTION", OLD_CONVENTION)
     old_path, old_fingerprint = where()
     assert old_fingerprint != fingerprint and old_path != path
 
@@ -66,10 +66,10 @@ def test_a_cache_from_another_convention_is_recomputed(
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(ref_cache, "load_model", counting_load)
-    current = ref_cache.LOGP_CONVENTION
+    current = ref_cache_files.LOGP_CONVENTION
     assert current != OLD_CONVENTION
     with monkeypatch.context() as old:
-        old.setattr(ref_cache, "LOGP_CONVENTION", OLD_CONVENTION)
+        old.setattr(ref_cache_files, "LOGP_CONVENTION", OLD_CONVENTION)
         ref_cache.reference_logps(tiny_model_dir, pairs, tmp_path, 16, pad_id=0)
         ref_cache.reference_logps(tiny_model_dir, pairs, tmp_path, 16, pad_id=0)
     assert len(loads) == 1  # same convention: the second call read the cache
@@ -125,7 +125,7 @@ def test_the_cache_key_changes_with_the_reference_weights(
     pairs = tiny_pairs(tiny_model_dir, tiny_pairs_file)
 
     def where() -> tuple[Path, str]:
-        return ref_cache.cache_location(other, pairs, tmp_path, torch.float32, "cpu")
+        return ref_cache_files.cache_location(other, pairs, tmp_path, torch.float32, "cpu")
 
     before = where()
     assert where() == before

@@ -93,7 +93,7 @@ def sample_with_rule(
 ) -> rejection.SampledPairs:
     """rejection_sample on one dropped pair, the sampler replaced by one returning `samples`."""
     policy = load_model(tiny_model_dir)
-    monkeypatch.setattr(rejection, "generate", lambda model, prompts, **_: [*samples])
+    monkeypatch.setattr(rejection, "sample_responses", lambda model, prompts, *_: [*samples])
     settings = rejection.SamplingSettings(
         k=len(samples), beta=1.0, temperature=1.0, top_p=1.0, max_new_tokens=4, pair_rule=rule
     )

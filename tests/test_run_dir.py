@@ -165,6 +165,35 @@ def test_out_naming_a_file_is_refused(inputs: list[str], tmp_path: Path) -> None
     assert target.read_text() == "mine"
 
 
+@pytest.mark.parametrize("missing", ["model", "data", "model and data", "tokenizer"])
+def test_a_start_that_fails_on_its_inputs_leaves_no_run_directory(
+    missing: str, inputs: list[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`ropo train model=/nonexistent data=x.jsonl out=D` once left D/ holding only ropo.lock:
+    the lock was taken before the inputs were checked. Missing inputs are now found before the
+    directory is made, and a start that fails after the lock (a model directory without its
+    tokenizer) removes what the lock made, parent directories included."""
+    no_tokenizer = Path(shutil.copytree(tiny_model_dir, tmp_path / "no_tokenizer"))
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    model, data = inputs[0], inputs[1]
+    nowhere_model, nowhere_data = tmp_path / "nonexistent", tmp_path / "x.jsonl"
+    args, message = {
+        "model": ([f"model={nowhere_model}", data], f"model directory {nowhere_model} does not"),
+        "data": ([model, f"data={nowhere_data}"], f"data file {nowhere_data} does not exist"),
+        "model and data": (
+            [f"model={nowhere_model}", f"data={nowhere_data}"],
+            "2 inputs are missing",
+        ),
+        "tokenizer": ([f"model={no_tokenizer}", data], "tokenizer file"),
+    }[missing]
+    out = tmp_path / "made" / "for" / "run"
+    result = ropo_train([*args, *FAST, f"out={out}"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "ropo: error: " in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "made").exists()
+
+
 # --- read-only and full file systems, in a mount namespace of their own -------------------------
 
 

@@ -25,8 +25,8 @@ from ropo.checkpoint import verify_checkpoint
 from ropo.config import KEYS
 from ropo.config_load import load_config
 from ropo.data import load_pairs, tokenize_pairs
+from ropo.fingerprints import fingerprint_pairs
 from ropo.models import load_model, load_tokenizer
-from ropo.ref_cache import fingerprint_pairs
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ropo"
 UNSAFE = {  # pattern -> why it is not allowed in src/

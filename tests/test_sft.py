@@ -231,6 +231,16 @@ def test_user_errors_are_one_line_with_the_sft_resume_command(
     assert "a run of another ropo command" in capsys.readouterr().err
 
 
+def test_a_missing_model_leaves_no_sft_run_directory(
+    demos_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As for `ropo train` (tests/test_run_dir.py): the inputs are checked before out= is made."""
+    nowhere, out = tmp_path / "nonexistent", tmp_path / "made" / "sft"
+    assert main(["sft", *sft_args(nowhere, demos_file, out)]) == 2
+    assert f"model directory {nowhere} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()
+
+
 def ropo_sft(args: list[str], cwd: Path, fault: str) -> subprocess.CompletedProcess:
     """`ropo sft ARGS` in a fresh process through tests/fault_launcher.py with ROPO_FAULT=`fault`:
     a SIGKILL ends the process, so that run cannot be one of pytest's."""

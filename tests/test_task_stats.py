@@ -86,7 +86,7 @@ def test_sweep_settings_from_words_and_their_checks() -> None:
         TaskSettings(sweep_methods=("ropo",))
     with pytest.raises(ValueError, match="not dpo_clean"):
         TaskSettings(sweep_methods=("dpo", "dpo_clean"))
-    with pytest.raises(ValueError, match="'sweep_seeds' = \\(1, 1\\) must be distinct"):
+    with pytest.raises(ValueError, match="'sweep_seeds' = '1,1' must list distinct values"):
         TaskSettings(sweep_seeds=(1, 1))
     with pytest.raises(ValueError, match="'sweep_noises' = 0.5 must be"):
         TaskSettings(sweep_noises=(0.0, 0.5))

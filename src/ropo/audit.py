@@ -1,83 +1,29 @@
-"""What a run leaves behind for people and other tools to read.
+"""What a run leaves behind for people and other tools to read, after each round.
 
-After each round: one line per pair in `<out>/pairs.jsonl` (log-probs, margin, loss, weight, kept,
-flipped), one summary line in `<out>/metrics.jsonl`, and the cleaned dataset (the kept pairs'
-original records) as JSONL.
-At the start: `<out>/run.json` with the resolved config, package versions, git revision and data
-fingerprint, so every output describes how it was made.
+One line per pair in `<out>/pairs.jsonl` (log-probs, margin, loss, weight, kept, flipped), one
+summary line in `<out>/metrics.jsonl`, and the cleaned dataset (the kept pairs' original records)
+as JSONL. The last stage of the data flow; train.py appends the lines (jsonl.py). What a run was
+made from (`<out>/run.json`: config, versions, git revision) is run_info.py's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
-import subprocess
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ropo.data import PreferencePair, read_records
+from ropo.data import PreferencePair
 from ropo.filter.detection import auroc, drop_precision_recall, reward_accuracy
 from ropo.filter.weights import DropDecision
+from ropo.jsonl import read_records
 from ropo.logps import PairLogps
 from ropo.loss import preference_margin
 from ropo.models.files import write_atomic
-from ropo.run_dir import RunIdentity
-
-
-def write_run_info(
-    out: Path,
-    identity: RunIdentity,
-    resolved_config: dict[str, Any],
-    data_fingerprint: str,
-    data_report: str,
-    eval_ids: Sequence[str] = (),
-) -> None:
-    """Write `<out>/run.json`: run id, input fingerprints (run_dir.py), config, versions, git
-    revision, token fingerprint and counts of the data, and the ids that eval_split held out of
-    the data (`eval_ids`). A resume keeps the command that started the run and adds its own to
-    `resumes`."""
-    versions = {}
-    for package in ("ropo", "torch", "sentencepiece", "safetensors", "numpy", "pyyaml", "tqdm"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    started = identity.resumed_info or {}
-    info = {
-        "run_id": identity.run_id,
-        "inputs": identity.inputs,
-        "config": resolved_config,
-        "versions": {"python": sys.version.split()[0], "platform": platform.platform(), **versions},
-        "git_revision": _git_revision(),
-        "data_fingerprint": data_fingerprint,
-        "data_report": data_report,
-        "eval_ids": list(eval_ids),
-        "command": started.get("command", sys.argv),
-        "resumes": started.get("resumes", []) + ([sys.argv] if started else []),
-    }
-    write_atomic(out / "run.json", json.dumps(info, indent=1))  # a resume reads it
-
-
-def _git_revision() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        result = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
 
 
 def pair_records(
@@ -156,34 +102,6 @@ def round_metrics(
             }
         )
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-
-
-def append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
-def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
-    """Keep only the lines for which `keep` holds (a resumed run rewrites the rest, never twice).
-
-    A last line without its newline is an append that a crash cut short and is dropped; any other
-    unreadable line raises ValueError("file:line"). The file is replaced atomically, so a crash
-    during the rewrite loses nothing.
-    """
-    if not path.is_file():
-        return
-    lines = path.read_bytes().split(b"\n")
-    lines.pop()  # b"" after the final newline, or the torn last line
-    kept = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line.decode("utf-8")) if line.strip() else None
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            raise ValueError(f"{path}:{lineno}: unreadable line in an audit file") from None
-        if record is not None and keep(record):
-            kept.append(line + b"\n")
-    write_atomic(path, b"".join(kept))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -35,12 +35,12 @@ from ropo.distributed import (
     load_optimizer_state,
     world_size,
 )
+from ropo.fingerprints import file_sha256
 from ropo.models.export import TokenizerExport, write_tokenizer_files
 from ropo.models.files import save_safetensors, write_atomic
 from ropo.models.llama import Transformer
 from ropo.models.load import save_weights
 from ropo.models.lora import has_lora
-from ropo.ref_cache import file_sha256
 
 MANIFEST = "manifest.json"
 LORA_FILE = "lora.safetensors"

@@ -21,7 +21,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ropo import interrupt, run_dir
-from ropo.config import RunConfig, SectionedConfig, describe_keys
+from ropo.config import RunConfig
+from ropo.config_fields import SectionedConfig, describe_keys
 from ropo.config_load import load_config
 from ropo.eval_config import describe_eval_settings
 from ropo.generate_config import describe_generate_settings
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, train_parser = _command_line()
     args = parser.parse_args(argv)
     if args.command == "keys":
-        print(describe_keys())
+        print(describe_keys(RunConfig))
         return 0
     if args.command == "builtin":
         return _run_builtin(args.settings)

@@ -1,17 +1,18 @@
 """Run configuration: the first stage of the data flow.
 
 One frozen dataclass per concern, gathered into `RunConfig` (`ropo train`). Keys are flat
-(`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented below;
+(`noise: 0.4`, not `data: {noise: 0.4}`) and every key is declared and documented once;
 `config_load.py` fills them from a YAML file and `key=value` overrides, and reports anything else
 as an error. Each value is checked once, in its dataclass's `__post_init__` (the checks are in
-`config_fields.py`), so a bad value stops a run before it touches anything. `ropo sft` gathers
-the sections it shares with training (the base classes PolicySettings, DataFileSettings,
-RunDirSettings and OptimSettings) into `sft_config.SftConfig`.
+`config_fields.py`), so a bad value stops a run before it touches anything. This file declares
+the keys of the method (data, loss, filter, optimizer); the keys of the machinery (how the policy
+is held, the run directory, held-out pairs) are in `config_machinery.py`. `ropo sft` gathers the
+sections it shares with training (DataFileSettings, OptimSettings and the machinery's
+PolicySettings and RunDirSettings) into `sft_config.SftConfig`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from ropo.config_fields import (
@@ -21,69 +22,16 @@ from ropo.config_fields import (
     check_alpha,
     check_beta,
     check_choice,
-    check_device,
     check_label_smoothing,
     check_range,
     setting,
 )
+from ropo.config_machinery import HeldoutSettings, PolicySettings, RunDirSettings
 
-# Projections of a block that LoRA can adapt (names of models/llama.py; models/lora.py adapts).
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # The losses of loss/preference.py's table LOSSES, by the name the `loss` key takes.
 LOSS_NAMES = ("dpo", "ipo", "cdpo", "rdpo", "ropo")
 # How rejection sampling picks its pair (filter/rejection.py parses and documents them).
 RS_PAIR_RULES = ("reward", "reward+original", "likelihood", "likelihood+original")
-
-
-@dataclass(frozen=True)
-class PolicySettings:
-    """The model that trains and how it is held in memory: shared by `ropo train` and `ropo sft`."""
-
-    model: str = setting(
-        "",
-        "HF model directory (config.json, safetensors, tokenizer.model or tokenizer.json) or a "
-        "preset name (llama2-7b, mistral-7b, smollm2-135m) looked up under $MODELS_DIR",
-    )
-    dtype: str = setting("float32", "weights dtype: float32 | bfloat16 | float16")
-    save_dtype: str = setting(
-        "",
-        "dtype of the weights in <out>/final: float32 | bfloat16 | float16 ('' = the dtype of "
-        "the input checkpoint's weights); checkpoints keep the training dtype for an exact resume",
-    )
-    autocast: str = setting(
-        "none",
-        "mixed precision for matmuls: none | bfloat16 (with float32 "
-        "weights this is the usual fp32-master / bf16-compute setup)",
-    )
-    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    activation_checkpointing: bool = setting(
-        False, "recompute each block in backward to save memory"
-    )
-    lora_rank: int = setting(
-        0,
-        "rank r of LoRA adapters on the frozen model (0 = full fine-tuning); only the adapters "
-        "train, and <out>/final holds them merged into the weights",
-    )
-    lora_alpha: float = setting(16.0, "LoRA scale numerator: the adapter output is times alpha / r")
-    lora_targets: str = setting(
-        ",".join(LORA_TARGETS),
-        "comma-separated projections that get adapters: wq,wk,wv,wo (attention), w1,w2,w3 (MLP)",
-    )
-
-    def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if self.save_dtype:  # '' follows the input checkpoint
-            check_choice("save_dtype", self.save_dtype, ("float32", "bfloat16", "float16"))
-        check_choice("autocast", self.autocast, ("none", "bfloat16"))
-        check_device(self.device)
-        check_range("lora_rank", self.lora_rank, 0, None)
-        check_range("lora_alpha", self.lora_alpha, 0.0, None, low_open=True)
-        targets = self.lora_targets.split(",")
-        if not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
-            raise ValueError(
-                f"config key 'lora_targets' = {self.lora_targets!r} must be distinct names "
-                f"from {','.join(LORA_TARGETS)}, separated by commas"
-            )
 
 
 @dataclass(frozen=True)
@@ -129,39 +77,6 @@ class DataSettings(DataFileSettings):
         super().__post_init__()
         check_range("noise", self.noise, 0.0, 0.5, high_open=True)
         check_range("max_pairs", self.max_pairs, 0, None)
-
-
-@dataclass(frozen=True)
-class HeldoutSettings:
-    eval_data: str = setting(
-        "",
-        "held-out preference file (read with format, template and max_length as data=), scored "
-        "at the start and after every round into metrics.jsonl ('' = none)",
-    )
-    eval_split: float = setting(
-        0.0,
-        "instead of eval_data: hold out this share of data=, chosen by seed, never trained on "
-        "and never noised (ids in run.json eval_ids), 0 <= share < 0.5",
-    )
-    eval_every: int = setting(
-        0,
-        "also score the held-out pairs every N optimizer steps, into train_log.jsonl "
-        "(0 = only at the start and after every round)",
-    )
-
-    def __post_init__(self) -> None:
-        check_range("eval_split", self.eval_split, 0.0, 0.5, high_open=True)
-        check_range("eval_every", self.eval_every, 0, None)
-        if self.eval_data and self.eval_split:
-            raise ValueError(
-                f"config key 'eval_split' = {self.eval_split!r} and eval_data = "
-                f"{self.eval_data!r}: give one held-out set, eval_data or eval_split, not both"
-            )
-        if self.eval_every and not (self.eval_data or self.eval_split):
-            raise ValueError(
-                f"config key 'eval_every' = {self.eval_every!r} needs held-out pairs: set "
-                "eval_data=FILE or eval_split=SHARE too"
-            )
 
 
 @dataclass(frozen=True)
@@ -267,37 +182,6 @@ class OptimSettings:
 
 
 @dataclass(frozen=True)
-class RunDirSettings:
-    """The run directory, seeding, checkpoints and stopping: shared by train and sft."""
-
-    out: str = setting("runs/default", "run directory: checkpoints, audit files, report")
-    seed: int = setting(0, "seeds noise injection, data order and sampling")
-    resume: str = setting("", "run directory to continue from its last checkpoint ('' = fresh)")
-    overwrite: bool = setting(
-        False,
-        "let a fresh run start in a non-empty out= directory: its old contents are deleted once "
-        "the new run's config, model and tokenizer check out (without it, such a run is refused)",
-    )
-    term_grace: float = setting(
-        30.0,
-        "seconds a scheduler waits between SIGTERM and SIGKILL (Slurm's KillWait defaults to 30): "
-        "on SIGTERM the run checkpoints at the next step boundary if that fits, then stops",
-    )
-    save_every: int = setting(
-        0, "optimizer steps between checkpoints within a round or epoch (0 = at its end only)"
-    )
-    skip_nonfinite: bool = setting(
-        False,
-        "on a NaN/inf loss or gradient, skip that step (counted in metrics.jsonl "
-        "n_skipped_nonfinite) instead of stopping the run at the last good checkpoint",
-    )
-
-    def __post_init__(self) -> None:
-        check_range("save_every", self.save_every, 0, None)
-        check_range("term_grace", self.term_grace, 0.0, None)
-
-
-@dataclass(frozen=True)
 class RunSettings(RunDirSettings):
     cache_dir: str = setting("", "reference log-prob cache ('' = <out>/cache)")
     log_every: int = setting(10, "optimizer steps between metric lines in <out>/train_log.jsonl")
@@ -320,13 +204,3 @@ class RunConfig(SectionedConfig):
 
 SECTIONS = RunConfig.sections()
 KEYS = RunConfig.keys()
-
-
-def describe_keys(config: type[SectionedConfig] = RunConfig) -> str:
-    """A table of every key, its default and its meaning (`ropo keys`, `ropo sft --help`)."""
-    lines = []
-    for section, cls in config.sections().items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
-    return "\n".join(lines)

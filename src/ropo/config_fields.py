@@ -4,7 +4,8 @@ Part of the first stage, the configuration. A key is a field of a frozen datacla
 `setting` (its default and help line); its `__post_init__` checks the value with the `check_*`
 functions below, so a bad value fails when the config is read, before anything else runs.
 `config.py` (`ropo train`), `sft_config.py`, `eval_config.py` and `generate_config.py` build on
-them; `SectionedConfig` gathers settings classes into one command's config.
+them; `SectionedConfig` gathers settings classes into one command's config, and `setting_like`
+lets another command (or a task beside the library) take a key as `ropo train` declares it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
 
 # The `template` key of every command that reads chat data: "auto" or a named template of
@@ -23,11 +24,22 @@ TEMPLATE_HELP = (
     "tokenizer_config.json or chat_template.jinja; plain if it has none) | plain | "
     "llama2-chat | mistral-instruct"
 )
+# The `dtype` key's values: the dtypes weights are loaded in (resources.DTYPES maps them to torch).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def setting(default: Any, help: str) -> Any:
     """A config key: its default and the help line `ropo keys` (or a subcommand's --help) shows."""
     return field(default=default, metadata={"help": help})
+
+
+def setting_like(settings: type, key: str, default: Any = MISSING, note: str = "") -> Any:
+    """The key `key` as the settings dataclass `settings` declares it, for another command that
+    takes it with the same meaning (`ropo eval`'s template is `ropo train`'s): its help line, then
+    `note` (what the other command adds), and its default unless `default` is given."""
+    declared = settings.__dataclass_fields__[key]
+    help_line = declared.metadata["help"] + (f"; {note}" if note else "")
+    return setting(declared.default if default is MISSING else default, help_line)
 
 
 def setting_help(settings: type, key: str) -> str:
@@ -84,10 +96,38 @@ class SectionedConfig:
         return flat
 
 
+def describe_keys(config: type[SectionedConfig]) -> str:
+    """A table of every key of `config`, its default and its meaning, section by section (`ropo
+    keys`, `ropo sft --help`)."""
+    lines = []
+    for section, cls in config.sections().items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name:<26} {f.default!r:<16} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """ValueError naming `name` and `value` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"config key '{name}' = {value!r} is not one of {', '.join(choices)}")
+
+
+def check_required(settings: Any, keys: tuple[str, ...]) -> None:
+    """ValueError naming the first of `keys` that `settings` leaves empty, with its help line."""
+    for key in keys:
+        if not getattr(settings, key):
+            help_line = setting_help(type(settings), key)
+            raise ValueError(f"config key '{key}' is required: {help_line}")
+
+
+def check_distinct(name: str, values: tuple) -> None:
+    """ValueError naming `name` unless the list key's `values` hold at least one value, none
+    twice."""
+    if not values or len(set(values)) != len(values):
+        raise ValueError(
+            f"config key '{name}' = {_as_typed(values)!r} must list distinct values, at least one"
+        )
 
 
 def check_device(value: str) -> None:

@@ -1,9 +1,9 @@
 """Preference data: JSONL file → PreferencePair (text) → TokenizedPair (ids), plus label noise.
 
-Sits between the tokenizer and the model: `run_setup.py` loads pairs here (each record read by a
-parser of `data_formats.py`, its prompt and responses rendered by the run's chat format), optionally
-flips labels with a known mask (for the noise audit), and tokenises them. Every pair keeps its `id`
-to the audit file.
+Sits between the tokenizer and the model: `run_setup.py` loads pairs here (each line read by
+`jsonl.py`, each record by a parser of `data_formats.py`, its prompt and responses rendered by the
+run's chat format), optionally flips labels with a known mask (for the noise audit), and tokenises
+them. Every pair keeps its `id` to the audit file.
 
 Truncation rule (tokenize_pairs): the prompt is never cut; each response is cut at its end so that
 len(prompt_ids) + len(response_ids) <= max_length, losing its EOS when cut. A prompt that leaves no
@@ -13,15 +13,14 @@ after truncation ("identical_after_truncation"): its DPO loss is a constant ln 2
 
 import hashlib
 import json
-import re
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ropo.data_formats import FORMATS, PARSERS, SkipRecord, check_jsonl_file
+from ropo.jsonl import read_records
 from ropo.models.boundary import BOS_TEXT
 from ropo.models.chat_format import PLAIN, ChatFormat
 from ropo.models.tokenizer import Tokenizer
@@ -119,51 +118,6 @@ def load_pairs(
         raise ValueError(f"{path}: no pairs (the file is empty or only blank lines)")
     report.used = len(pairs)
     return pairs, report
-
-
-def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every line; bytes are decoded line by line so that bad UTF-8 is
-    reported with its line instead of failing inside the codec."""
-    with open(path, "rb") as file:
-        for lineno, raw in enumerate(file, start=1):
-            try:
-                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte {err.start} of the line)"
-                ) from None
-
-
-def read_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """("file:line", JSON object) for every non-blank line."""
-    for lineno, line in decoded_lines(path):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if _SURROGATE_ESCAPE.search(line) and not _is_unicode(record):
-            raise ValueError(
-                f"{where}: a string holds a lone surrogate escape (\\ud800 to \\udfff without "
-                "its pair), which is no Unicode character; fix or drop the line"
-            )
-        yield where, record
-
-
-# json.loads accepts "\ud800" alone, but such a string cannot be encoded (tokenised, written) later.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _is_unicode(record: dict) -> bool:
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def render_prompt(messages: list[dict], chat: ChatFormat, where: str) -> str:

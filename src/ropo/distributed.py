@@ -37,7 +37,8 @@ from ropo.data import TokenizedPair
 from ropo.logps import PairLogps
 from ropo.logps_fused import score_pairs
 from ropo.models import Transformer, load_model
-from ropo.ref_cache import RefLogps, cache_location, read_cache, reference_logps, write_cache
+from ropo.ref_cache import RefLogps, reference_logps
+from ropo.ref_cache_files import cache_location, read_cache, write_cache
 from ropo.resources import pick_device
 
 # Rank 0 alone writes checkpoints (tens of GB for a 7B model) while the others wait in the next
@@ -197,7 +198,7 @@ def shared_reference_logps(
         found = (path, fingerprint, read_cache(path, fingerprint, ids))
     path, fingerprint, cached = broadcast_object(found)
     if cached is not None:
-        return cached
+        return RefLogps(ids, cached, fingerprint)
     reference = load_model(model_dir, dtype=dtype, device=device)
     logps = score_everywhere(reference, pairs, batch_size, pad_id, "reference log-probs")
     del reference

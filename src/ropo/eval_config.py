@@ -13,19 +13,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ropo.config import DataFileSettings
 from ropo.config_fields import (
-    TEMPLATE_HELP,
-    TEMPLATES,
     check_beta,
-    check_choice,
-    check_device,
     check_range,
+    check_required,
     describe_settings,
     setting,
-    setting_help,
+    setting_like,
 )
 from ropo.config_load import load_settings
-from ropo.data_formats import FORMATS
+from ropo.config_machinery import PolicySettings
 from ropo.presets import resolve_model
 from ropo.run_dir import read_run_info
 
@@ -39,28 +37,24 @@ class EvalSettings:
     model: str = setting("", "the policy: an HF model directory, e.g. a run's final/")
     data: str = setting("", "preference file, in any format `ropo train` reads (or a data preset)")
     reference: str = setting("", "the reference model ('' = the run's model, for a run's final/)")
-    format: str = setting("plain", "plain | ultrafeedback | alpaca_comparison | tldr")
-    template: str = setting("auto", TEMPLATE_HELP)
-    max_length: int = setting(512, "prompt + response tokens; responses are cut at the end to fit")
+    # Tokenised as `ropo train` tokenises, so these three mean what they mean there.
+    format: str = setting_like(DataFileSettings, "format")
+    template: str = setting_like(DataFileSettings, "template")
+    max_length: int = setting_like(DataFileSettings, "max_length")
     beta: float = setting(0.1, "beta of the implicit reward beta*log(pi/pi_ref) and the DPO loss")
     batch_size: int = setting(16, "pairs scored at once")
     out: str = setting("", "JSON file for the results ('' = standard output)")
     per_pair: bool = setting(False, "also write <out without suffix>.pairs.jsonl: margins by id")
-    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    dtype: str = setting("float32", "weights dtype: float32 | bfloat16 | float16")
+    device: str = setting_like(PolicySettings, "device")
+    dtype: str = setting_like(PolicySettings, "dtype")
 
     def __post_init__(self) -> None:
-        for key in ("model", "data"):
-            if not getattr(self, key):
-                help_line = setting_help(EvalSettings, key)
-                raise ValueError(f"config key '{key}' is required: {help_line}")
-        check_choice("format", self.format, FORMATS)
-        check_choice("template", self.template, TEMPLATES)
-        check_range("max_length", self.max_length, 2, None)
+        check_required(self, ("model", "data"))
+        # The keys declared like `ropo train`'s are checked by its settings classes, the same way.
+        DataFileSettings(format=self.format, template=self.template, max_length=self.max_length)
+        PolicySettings(device=self.device, dtype=self.dtype)
         check_beta(self.beta)
         check_range("batch_size", self.batch_size, 1, None)
-        check_device(self.device)
-        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.per_pair and not self.out:
             raise ValueError(
                 "config key 'per_pair' = True needs out=FILE: the per-pair file is written next "

@@ -26,7 +26,7 @@ from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import PLAIN, ChatFormat, load_chat_format
 from ropo.models.config import read_model_config
 from ropo.models.llama import Transformer
-from ropo.models.sample import generate
+from ropo.models.responses import sample_responses
 from ropo.presets import resolve_model
 from ropo.progress import PlainProgress, progress_bar
 from ropo.resources import DTYPES, check_vocab, pick_device
@@ -158,16 +158,10 @@ def answer_prompts(
                 responses[i] = Response((), "", "prompt_too_long")
             stats.position_limited += 0 < budgets[i] < cfg.max_new_tokens
         if runnable:
-            rows = generate(
-                model,
-                [prompts_ids[i] for i in runnable],
-                max_new_tokens=max(budgets[i] for i in runnable),
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
-                generator=generator,
-                vocab_limit=tokenizer.vocab_size,
+            prompts = [prompts_ids[i] for i in runnable]
+            budget = max(budgets[i] for i in runnable)
+            rows = sample_responses(
+                model, prompts, tokenizer, budget, cfg.temperature, cfg.top_p, generator
             )
             for i, row in zip(runnable, rows, strict=True):
                 responses[i] = _response(row[: budgets[i]], tokenizer)

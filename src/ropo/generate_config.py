@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ropo.config import DataFileSettings
 from ropo.config_fields import (
-    TEMPLATE_HELP,
+    DTYPE_NAMES,
     TEMPLATES,
     check_choice,
     check_device,
     check_range,
+    check_required,
     describe_settings,
     setting,
-    setting_help,
+    setting_like,
 )
+from ropo.config_machinery import PolicySettings
 
 LAYOUTS = ("jsonl", "alpaca_eval", "mt_bench")  # the files of generate_layouts.py
 
@@ -26,25 +29,23 @@ LAYOUTS = ("jsonl", "alpaca_eval", "mt_bench")  # the files of generate_layouts.
 @dataclass(frozen=True)
 class GenerateSettings:
     model: str = setting("", "HF model directory (a run's final/, or a preset name)")
+    # Prompts are rendered and tokenised as `ropo train` renders the prompt of a pair.
+    template: str = setting_like(DataFileSettings, "template")
     prompts: str = setting("", ".jsonl / .json records, or a text file with one prompt per line")
     out: str = setting("", "file to write the responses to (replaced if it exists)")
     layout: str = setting("jsonl", "jsonl | alpaca_eval | mt_bench: the file's layout")
     generator: str = setting("", "name written into the outputs ('' = the model directory's name)")
-    template: str = setting("auto", TEMPLATE_HELP)
     max_new_tokens: int = setting(512, "length limit of each response (and of each MT-Bench turn)")
     temperature: float = setting(0.0, "0 = greedy; otherwise sampling at this temperature")
     top_p: float = setting(1.0, "nucleus sampling threshold (with temperature > 0)")
     n: int = setting(1, "responses per prompt (needs temperature > 0)")
     seed: int = setting(0, "seeds the sampling")
     batch_size: int = setting(8, "prompts answered at once (sorted by length to limit padding)")
-    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    dtype: str = setting("auto", "auto (the checkpoint's) | float32 | bfloat16 | float16")
+    device: str = setting_like(PolicySettings, "device")
+    dtype: str = setting("auto", "auto (the checkpoint's) | " + " | ".join(DTYPE_NAMES))
 
     def __post_init__(self) -> None:
-        for key in ("model", "prompts", "out"):
-            if not getattr(self, key):
-                help_line = setting_help(GenerateSettings, key)
-                raise ValueError(f"config key '{key}' is required: {help_line}")
+        check_required(self, ("model", "prompts", "out"))
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("template", self.template, TEMPLATES)
         check_range("max_new_tokens", self.max_new_tokens, 1, None)
@@ -53,7 +54,7 @@ class GenerateSettings:
         check_range("n", self.n, 1, None)
         check_range("batch_size", self.batch_size, 1, None)
         check_device(self.device)
-        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("dtype", self.dtype, ("auto", *DTYPE_NAMES))
         if self.n > 1 and self.temperature == 0:
             raise ValueError(
                 f"config key 'n' = {self.n} with temperature=0 would give {self.n} identical "

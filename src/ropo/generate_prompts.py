@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ropo.data import decoded_lines, read_records
+from ropo.jsonl import decoded_lines, read_records
 from ropo.models.files import require_regular_file
 
 PROMPT_FIELDS = ("prompt", "instruction", "messages", "turns")

@@ -15,10 +15,10 @@ from typing import Any
 
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, load_pairs, tokenize_pairs
+from ropo.fingerprints import file_sha256
 from ropo.models import Tokenizer
 from ropo.models.chat_format import ChatFormat
 from ropo.presets import resolve_data
-from ropo.ref_cache import file_sha256
 
 
 @dataclass(frozen=True)

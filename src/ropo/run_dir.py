@@ -72,11 +72,16 @@ def _read_only_mount(path: Path) -> bool:
 def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on run directory `out` (created if needed) for the block.
 
-    Under torchrun only rank 0 (RANK=0) locks: the other ranks of the same run write nothing.
+    A block that fails before anything but the lock is written (a run that stops on a missing
+    tokenizer or too little memory) leaves nothing behind: the lock file and the directories made
+    for it are removed. Under torchrun only rank 0 (RANK=0) locks: the other ranks of the same run
+    write nothing.
     """
     if os.environ.get("RANK", "0") != "0":
         yield
         return
+    made = [p for p in [out.absolute(), *out.absolute().parents] if not p.exists()]
+    lock_was_there = (out / LOCK_FILE).exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a+")
     try:
@@ -96,8 +101,23 @@ def locked(out: Path) -> Iterator[None]:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
+    except BaseException:
+        if not lock_was_there and not leftovers(out):
+            _remove_unused(out, made)  # still holding the lock, so no other run is in there
+        raise
     finally:
         handle.close()  # closing the last descriptor releases the flock
+
+
+def _remove_unused(out: Path, made: list[Path]) -> None:
+    """Remove the lock file of `out` and the directories `made` for it (innermost first), as long
+    as each is empty; one that something else has written into stays."""
+    (out / LOCK_FILE).unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def leftovers(out: Path) -> list[str]:
@@ -136,7 +156,7 @@ def input_fingerprints(
     """sha256 of each input a run reads: model weights and config, tokenizer files, data file,
     and the reference model's weights and config when it is not the model directory itself."""
     # Imported here: the CLI reads run.json through this module before torch is loaded.
-    from ropo.ref_cache import file_sha256, fingerprint_model_dir
+    from ropo.fingerprints import file_sha256, fingerprint_model_dir
 
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     inputs = {
@@ -154,7 +174,7 @@ def input_fingerprints(
 
 
 def _files_sha256(paths: list[Path]) -> str:
-    from ropo.ref_cache import file_sha256
+    from ropo.fingerprints import file_sha256
 
     listing = "".join(f"{path.name}:{file_sha256(path)}\n" for path in paths)
     return hashlib.sha256(listing.encode()).hexdigest()

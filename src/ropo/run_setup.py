@@ -16,18 +16,22 @@ from typing import Any
 
 import torch
 
-from ropo import audit, distributed, run_dir
+from ropo import distributed, run_dir
 from ropo.config import RunConfig
 from ropo.data import PreferencePair, TokenizedPair, inject_noise, load_pairs, tokenize_pairs
 from ropo.distributed import is_main
 from ropo.filter.rejection import SampledPair, SamplingSettings
+from ropo.fingerprints import file_sha256, fingerprint_pairs
 from ropo.heldout import HeldoutPairs, heldout_inputs, prepare_heldout, split_heldout
+from ropo.jsonl import truncate_jsonl
 from ropo.loss import PreferenceLoss, get_loss
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
+from ropo.models.config import read_model_config
 from ropo.policy import Learner, policy_and_optimizer, policy_source
 from ropo.presets import resolve_data, resolve_model
-from ropo.ref_cache import RefLogps, check_reference_model, fingerprint_pairs, reference_logps
+from ropo.ref_cache import RefLogps, reference_logps
+from ropo.run_info import write_run_info
 from ropo.step import autocast, round_epochs
 from ropo.training_run import LoopPosition, TrainingRun, identify_run
 
@@ -110,9 +114,7 @@ def start_run(cfg: RunConfig) -> Run:
         print(data.summary)
         eval_ids = data.heldout.split_ids if data.heldout else []
         data_fingerprint = fingerprint_pairs(data.tokens)
-        audit.write_run_info(
-            out, identity, cfg.to_flat_dict(), data_fingerprint, data.summary, eval_ids
-        )
+        write_run_info(out, identity, cfg.to_flat_dict(), data_fingerprint, data.summary, eval_ids)
     fields = {"data": data, "loss_fn": loss_fn, "reference_dir": reference_dir}
     fields["sampling"] = sampling_settings(cfg)
     return Run.start(cfg, out, identity, model_dir, tokenizer, device, **fields)
@@ -130,6 +132,33 @@ def reference_model_dir(cfg: RunConfig, model_dir: Path) -> Path:
     except (FileNotFoundError, ValueError) as err:  # e.g. a directory without config.json
         raise type(err)(f"config key 'reference': {err}") from None
     return reference_dir
+
+
+def check_reference_model(model_dir: Path, reference_dir: Path) -> None:
+    """ValueError unless the reference in `reference_dir` can score the policy's token ids: its
+    config.json describes the policy's network (architecture, sizes, vocabulary) and any
+    tokenizer file both directories have is the same file. Errors name both directories."""
+    ours, theirs = read_model_config(model_dir).to_hf(), read_model_config(reference_dir).to_hf()
+    differing = [key for key in ours if ours[key] != theirs.get(key)]
+    if differing:
+        shown = "; ".join(
+            f"{key} = {theirs.get(key)!r} there, {ours[key]!r} in the policy's"
+            for key in differing[:3]
+        )
+        raise ValueError(
+            f"config key 'reference': {reference_dir}/config.json is not the network of the "
+            f"policy ({model_dir}/config.json): {shown}; the reference must have the policy's "
+            "architecture and vocabulary"
+        )
+    for name in ("tokenizer.model", "tokenizer.json"):
+        policy_file, reference_file = model_dir / name, reference_dir / name
+        both = policy_file.is_file() and reference_file.is_file()
+        if both and file_sha256(policy_file) != file_sha256(reference_file):
+            raise ValueError(
+                f"config key 'reference': {reference_file} differs from the policy's "
+                f"{policy_file}: the reference scores the policy's token ids, so it needs the "
+                "same tokenizer"
+            )
 
 
 def sampling_settings(cfg: RunConfig) -> SamplingSettings:
@@ -201,10 +230,10 @@ def start_or_resume(run: Run) -> tuple[Learner, LoopState]:
             f"epoch {state.epoch + 1}, step {state.global_step})"
         )
         # Rounds in the files count from 1; state.round_idx counts the rounds already done.
-        audit.truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] <= state.round_idx)
-        audit.truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] <= state.round_idx)
-        audit.truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
-        audit.truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] <= state.round_idx)
+        truncate_jsonl(out / "pairs.jsonl", lambda r: r["round"] <= state.round_idx)
+        truncate_jsonl(out / "metrics.jsonl", lambda r: r["round"] <= state.round_idx)
+        truncate_jsonl(out / "train_log.jsonl", lambda r: r["step"] <= state.global_step)
+        truncate_jsonl(out / "sampled_pairs.jsonl", lambda r: r["round"] <= state.round_idx)
     return learner, state
 
 

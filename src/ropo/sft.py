@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ropo import audit, interrupt, run_dir
+from ropo import interrupt, run_dir
 from ropo.data import DataReport
+from ropo.fingerprints import fingerprint_rows
 from ropo.interrupt import Interrupted
+from ropo.jsonl import append_jsonl, truncate_jsonl
 from ropo.logps import collate_sequences
 from ropo.logps_fused import sequence_logps
 from ropo.models import Tokenizer
@@ -35,13 +37,13 @@ from ropo.models.llama import Transformer
 from ropo.policy import policy_and_optimizer, policy_source, save_final
 from ropo.presets import resolve_data
 from ropo.progress import PlainProgress, progress_bar
-from ropo.ref_cache import fingerprint_rows
 from ropo.resources import pick_device
+from ropo.run_info import write_run_info
 from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.sft_config import SftConfig, SftOptimSettings
 from ropo.sft_data import SftExample, load_demonstrations, tokenize_demonstrations
 from ropo.step import StepSettings, apply_step, autocast, clip_gradients, epoch_steps, learning_rate
-from ropo.training_run import LoopPosition, TrainingRun, identify_run
+from ropo.training_run import LoopPosition, TrainingRun, identify_run, run_directory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,8 +67,7 @@ def sft(cfg: SftConfig) -> Path:
     """Fine-tune `model` on the examples of `data` as `cfg` says; returns the run directory, whose
     final/ holds the model. Ctrl-C or SIGTERM (under interrupt.handled) raise Interrupted, which
     says where the run stopped."""
-    out = Path(cfg.run.resume or cfg.run.out)
-    run_dir.check_writable_dir(out, "out")
+    out = run_directory(cfg)
     with run_dir.locked(out):
         start = time.perf_counter()
         run = start_sft(cfg)
@@ -102,7 +103,7 @@ def start_sft(cfg: SftConfig) -> SftRun:
     summary = f"{data_file}: {report.summary()}"
     print(summary)
     rows = ([example.id, example.prompt_ids, example.response_ids] for example in examples)
-    audit.write_run_info(out, identity, cfg.to_flat_dict(), fingerprint_rows(rows), summary)
+    write_run_info(out, identity, cfg.to_flat_dict(), fingerprint_rows(rows), summary)
     fields = {"examples": examples, "data_summary": summary}
     return SftRun.start(cfg, out, identity, model_dir, tokenizer, device, **fields)
 
@@ -133,7 +134,7 @@ def start_or_resume_sft(run: SftRun) -> tuple[Transformer, torch.optim.Optimizer
         return policy, optimizer, LoopPosition()
     state = LoopPosition.from_record(loop)
     print(f"resume: {run.identity.checkpoint} (epoch {state.epoch + 1}, step {state.global_step})")
-    audit.truncate_jsonl(metrics, lambda record: record["step"] <= state.global_step)
+    truncate_jsonl(metrics, lambda record: record["step"] <= state.global_step)
     return policy, optimizer, state
 
 
@@ -220,7 +221,7 @@ def log_step(path: Path, state: LoopPosition, stats: SftStepStats) -> None:
         record["skipped"] = stats.skipped
     else:
         record |= {key: value for key, value in vars(stats).items() if key != "skipped"}
-    audit.append_jsonl(path, [record])
+    append_jsonl(path, [record])
 
 
 def sft_summary(run: SftRun, state: LoopPosition, wall_seconds: float) -> str:

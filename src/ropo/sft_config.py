@@ -12,14 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ropo.config import (
-    DataFileSettings,
-    OptimSettings,
-    PolicySettings,
-    RunDirSettings,
-    describe_keys,
-)
-from ropo.config_fields import SectionedConfig, check_range, setting
+from ropo.config import DataFileSettings, OptimSettings
+from ropo.config_fields import SectionedConfig, check_range, describe_keys, setting
+from ropo.config_machinery import PolicySettings, RunDirSettings
 
 
 @dataclass(frozen=True)

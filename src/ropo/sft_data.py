@@ -14,8 +14,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropo.data import DataReport, load_pairs, read_records, render_prompt, render_response
+from ropo.data import DataReport, load_pairs, render_prompt, render_response
 from ropo.data_formats import check_jsonl_file, parse_demonstration
+from ropo.jsonl import read_records
 from ropo.models import Tokenizer
 from ropo.models.chat_format import ChatFormat
 

@@ -31,6 +31,7 @@ from ropo.filter.noise_rate import estimate_flip_rate
 from ropo.filter.rejection import SampledPair
 from ropo.filter.weights import DropDecision, select_drops
 from ropo.interrupt import Interrupted
+from ropo.jsonl import append_jsonl
 from ropo.loss import PreferenceLoss, get_loss
 from ropo.models import load_model
 from ropo.models.llama import Transformer
@@ -54,19 +55,17 @@ from ropo.step import (
     train_step,
 )
 from ropo.summary import run_summary
+from ropo.training_run import run_directory
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the whole ROPO pipeline described by `cfg`; returns the run directory.
 
-    The run directory stays locked while the run lives. Ctrl-C or SIGTERM (with `interrupt.handled`
-    in force, as under the CLI) raise `Interrupted`, which says where the run stopped.
+    A missing model or data file fails before the run directory is made (run_directory); the
+    directory stays locked while the run lives. Ctrl-C or SIGTERM (with `interrupt.handled` in
+    force, as under the CLI) raise `Interrupted`, which says where the run stopped.
     """
-    out = Path(cfg.run.resume or cfg.run.out)
-    run_dir.check_writable_dir(out, "out")
-    if cfg.run.cache_dir:
-        run_dir.check_writable_dir(Path(cfg.run.cache_dir), "cache_dir")
-    with run_dir.locked(out):
+    with run_dir.locked(run_directory(cfg)):
         start = time.perf_counter()
         run = start_run(cfg)
         ref = reference(run, run.data.tokens)
@@ -235,8 +234,8 @@ def end_of_round(
             round_idx + 1, ids, scores, reference, losses, decision, cfg.loss.beta, data.flips
         )
         metrics = audit.round_metrics(round_idx + 1, records, decision, data.flips, extra)
-        audit.append_jsonl(out / "pairs.jsonl", records)
-        audit.append_jsonl(out / "metrics.jsonl", [metrics])
+        append_jsonl(out / "pairs.jsonl", records)
+        append_jsonl(out / "metrics.jsonl", [metrics])
         audit.export_cleaned(out / "cleaned.jsonl", data.text, decision.kept_ids, data.flips)
         tqdm.write(audit.format_metrics(metrics))  # a line of its own, under the progress bars
     return decision
@@ -256,7 +255,7 @@ def resample(
         sampled = sample_replacements(policy, reference, pairs, round_idx, run.sampling, tokenizer)
     del reference
     records = [sampled_record(pair, tokenizer) for pair in sampled]
-    audit.append_jsonl(run.out / "sampled_pairs.jsonl", records)
+    append_jsonl(run.out / "sampled_pairs.jsonl", records)
     return sampled
 
 
@@ -272,7 +271,7 @@ def log_step(
         record |= {key: value for key, value in vars(stats).items() if key != "skipped"}
     elif not evaluation:
         return
-    audit.append_jsonl(out / "train_log.jsonl", [record | evaluation])
+    append_jsonl(out / "train_log.jsonl", [record | evaluation])
 
 
 def evaluate_heldout(

@@ -15,12 +15,14 @@ import torch
 
 from ropo import run_dir
 from ropo.checkpoint import latest_checkpoint
-from ropo.config import RunConfig, RunDirSettings
+from ropo.config import RunConfig
+from ropo.config_machinery import RunDirSettings
 from ropo.distributed import is_main
+from ropo.fingerprints import fingerprint_model_dir
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.export import TokenizerExport
-from ropo.ref_cache import fingerprint_model_dir
+from ropo.presets import resolve_inputs
 from ropo.resources import DTYPES
 from ropo.sft_config import SftConfig
 from ropo.step import StepSettings
@@ -97,6 +99,18 @@ class LoopPosition:
     def from_record(cls: type[Position], record: dict[str, Any]) -> Position:
         """The position a checkpoint saved with to_record."""
         return cls(**record)
+
+
+def run_directory(cfg: RunConfig | SftConfig) -> Path:
+    """The run directory (`resume`, else `out`), once what can fail before it is made has been
+    checked: the model and the data exist, and out= (and cache_dir=) can be made and written. A
+    missing input found only after the lock would leave a directory that holds just the lock."""
+    resolve_inputs(cfg.model.model, cfg.data.data, cfg.data.format)
+    out = Path(cfg.run.resume or cfg.run.out)
+    run_dir.check_writable_dir(out, "out")
+    if isinstance(cfg, RunConfig) and cfg.run.cache_dir:
+        run_dir.check_writable_dir(Path(cfg.run.cache_dir), "cache_dir")
+    return out
 
 
 def identify_run(

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ropo.config_fields import check_range, setting
+from ropo.config import DataSettings, FilterSettings, LossSettings, OptimSettings
+from ropo.config_fields import check_distinct, check_range, setting, setting_like
 from ropo.config_load import build_config
 
 COMMAND = "ropo builtin"
@@ -69,19 +70,20 @@ class TaskSettings:
     samples_per_prompt: int = setting(4, "SFT samples per prompt, ranked into a pair")
     temperature: float = setting(1.0, "of pair sampling, rejection sampling and evaluation")
     max_new_tokens: int = setting(24, "length limit of every sampled response")
-    # the preference runs (ropo train, with these keys under its names)
+    # the preference runs: `ropo train`'s keys, declared and checked as there, with this task's
+    # defaults
     methods: tuple[str, ...] = setting(
         ("dpo_clean", "dpo", "ropo", "ropo_auto"), "the demo's methods (a wrong name lists all)"
     )
-    noise: float = setting(0.4, "share of training labels flipped")
-    beta: float = setting(1.0, "DPO/ROPO beta; above the usual 0.1, to keep the policy near SFT")
-    lr: float = setting(1e-4, "peak lr of every method; ROPO at 3e-4 drifted and sampled worse")
-    batch_size: int = setting(32, "pairs per optimizer step")
-    rounds: int = setting(3, "ROPO rounds; DPO trains rounds * epochs_per_round epochs in one")
+    noise: float = setting_like(DataSettings, "noise", 0.4)
+    beta: float = setting_like(LossSettings, "beta", 1.0, "above the usual 0.1, to stay near SFT")
+    lr: float = setting_like(OptimSettings, "lr", 1e-4, "ROPO at 3e-4 drifted and sampled worse")
+    batch_size: int = setting_like(OptimSettings, "batch_size", 32)
+    rounds: int = setting_like(FilterSettings, "rounds", 3, "DPO trains rounds * epochs_per_round")
     epochs_per_round: int = setting(1, "epochs of each ROPO round")
     rho: float = setting(0.2, "share of pairs ROPO drops after each round (the lowest margins)")
-    alpha: float = setting(14.0, "ROPO's alpha: the default the paper's reviews report")
-    rs_k: int = setting(4, "rejection sampling: candidates per prompt of a dropped pair")
+    alpha: float = setting_like(LossSettings, "alpha")
+    rs_k: int = setting_like(FilterSettings, "rs_k")
     # evaluation (evaluate.py)
     eval_samples: int = setting(4, "samples per held-out prompt")
     device: str = setting("cpu", "cpu | auto | cuda | cuda:N; the model is tiny: a GPU buys little")
@@ -144,9 +146,7 @@ class TaskSettings:
         """The sweep keys: distinct seeds >= 0 and noise rates in [0, 0.5), DPO among the methods
         (every comparison is against it), and no dpo_clean (DPO at noise 0 is clean DPO)."""
         for name in ("sweep_seeds", "sweep_noises"):
-            values = getattr(self, name)
-            if not values or len(set(values)) != len(values):
-                raise ValueError(f"config key {name!r} = {values!r} must be distinct values")
+            check_distinct(name, getattr(self, name))
         for seed in self.sweep_seeds:
             check_range("sweep_seeds", seed, 0, None)
         for noise in self.sweep_noises:

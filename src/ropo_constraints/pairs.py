@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ropo.data import read_records
+from ropo.jsonl import read_records
 from ropo_constraints.constraints import gold_reward, satisfied
 from ropo_constraints.prompts import PromptSpec
 

@@ -46,9 +46,9 @@ def run_task(s: ConstraintSettings) -> dict[str, Any]:
     pairs = stage_pairs(s, out, stage_samples(s, out, prompts))
     instruct = stage_eval(s, out, "instruct", s.model, [prompts.key])
     runs = []
-    for noise in s.noise_rates:
-        for seed in s.seed_list:
-            for method in s.method_names:
+    for noise in s.noise:
+        for seed in s.seeds:
+            for method in s.methods:
                 trained = stage_train(s, out, method, noise, seed, pairs)
                 name = run_name(method, noise, seed)
                 final = str(out / "runs" / name / "final")
@@ -75,8 +75,8 @@ def run_task(s: ConstraintSettings) -> dict[str, Any]:
 def cells(runs: list[dict[str, Any]], s: ConstraintSettings) -> list[dict[str, Any]]:
     """One summarise_cell per method and noise rate, over the seeds."""
     rows = []
-    for method in s.method_names:
-        for noise in s.noise_rates:
+    for method in s.methods:
+        for noise in s.noise:
             group = [r for r in runs if r["method"] == method and r["noise"] == noise]
             rows.append({"method": method, "noise": noise, **summarise_cell(group)})
     return rows

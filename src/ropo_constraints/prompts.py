@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropo.data import read_records
+from ropo.jsonl import read_records
 from ropo_constraints.constraints import KINDS, Constraint
 
 # (the question, words the answer may well use: include/exclude constraints pick from these)

@@ -35,7 +35,7 @@ from ropo.logps import PairLogps, collate_sequences
 from ropo.logps_fused import sequence_logps
 from ropo.loss import implicit_reward
 from ropo.models.llama import Transformer
-from ropo.models.sample import generate
+from ropo.models.responses import sample_responses
 from ropo.models.tokenizer import Tokenizer
 from ropo.progress import progress_bar
 
@@ -162,16 +162,14 @@ def draw_samples(
     """K sampled responses for each prompt of `group`, prompt-major (rows g*K .. g*K+K-1 are
     prompt g's); an empty sample becomes a lone EOS, a response that just stops."""
     prompts = [list(pair.prompt_ids) for pair in group for _ in range(settings.k)]
-    samples = generate(
+    samples = sample_responses(
         policy,
         prompts,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        generator=generator,
-        vocab_limit=tokenizer.vocab_size,
+        tokenizer,
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_p,
+        generator,
     )
     return [s if s else [tokenizer.eos_id] for s in samples]
 

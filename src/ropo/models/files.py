@@ -1,9 +1,9 @@
 """Files checked before they are read (regular files, JSON named by file:line, safetensors files
 whose size matches their header), and files written so that no reader ever sees half of one.
 
-config.py, load.py and tokenizer.py read through these, and ref_cache.py checks the weights before
-it hashes them: a FIFO or a link to /dev/zero would make a read hang or never end, and a damaged
-file would otherwise fail deep inside json or safetensors without saying which file it was.
+config.py, load.py and tokenizer.py read through these, and fingerprints.py checks the weights
+before it hashes them: a FIFO or a link to /dev/zero would make a read hang or never end, and a
+damaged file would otherwise fail deep inside json or safetensors without saying which file it was.
 Every file ropo writes for later reading (weights, run.json, audit files, caches) goes through
 `write_atomic`; this module comes first in the data flow, so every stage can.
 """

@@ -26,7 +26,7 @@ from ropo.models.config import ModelConfig
 from ropo.models.files import require_regular_file
 from ropo.models.gguf_tokenizer import generation_config, tokenizer_config, tokenizer_json
 from ropo.models.llama import Transformer
-from ropo.models.load import save_weights, tensor_mismatch
+from ropo.models.load import rename, save_weights, tensor_mismatch
 from ropo.progress import progress_bar
 
 # GGUF tensor name -> our name (models/llama.py); {i} is the layer index.
@@ -176,7 +176,7 @@ def read_weights(reader: Any, config: ModelConfig, source: Path) -> dict[str, to
         expected = {name: tuple(p.shape) for name, p in Transformer(config).named_parameters()}
     weights, found, unexpected, wrong = {}, set(), [], []
     for tensor in progress_bar(reader.tensors, desc="convert", unit="tensor"):
-        ours = _rename(tensor.name, GGUF_TO_OURS)
+        ours = rename(tensor.name, GGUF_TO_OURS, LAYER)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the innermost dim first
         if ours not in expected:
             unexpected.append(tensor.name)
@@ -199,7 +199,7 @@ def read_weights(reader: Any, config: ModelConfig, source: Path) -> dict[str, to
         elif ours.endswith("attention.wk.weight"):
             weight = unpermute_rope_rows(weight, config.n_kv_heads)
         weights[ours] = weight
-    missing = sorted(_rename(name, OURS_TO_GGUF) or name for name in set(expected) - found)
+    missing = sorted(rename(name, OURS_TO_GGUF, LAYER) or name for name in set(expected) - found)
     if missing or unexpected or wrong:
         problems = tensor_mismatch(missing, unexpected, wrong)
         raise ValueError(f"{source}: tensors do not match its metadata; {problems}")
@@ -216,14 +216,6 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     D = rows // n_heads
     pairs = weight.reshape(n_heads, D // 2, 2, columns)  # GGUF row 2j + k at [h, j, k]
     return pairs.transpose(1, 2).reshape(rows, columns)  # [h, k, j]: row k * D/2 + j
-
-
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    match = LAYER.match(name)
-    if match is None:
-        return table.get(name)
-    template = table.get(LAYER.sub(r"\1.{i}.", name, count=1))
-    return None if template is None else template.format(i=match.group(2))
 
 
 def _shortest_float32(value: float) -> float:

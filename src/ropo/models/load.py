@@ -43,12 +43,13 @@ EXPECTED_FILES = (
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def rename(name: str, table: dict[str, str]) -> str | None:
-    """Map a tensor name through `table`, whose keys use {i} for the layer index; None if absent."""
-    match = LAYER.match(name)
+def rename(name: str, table: dict[str, str], layer: re.Pattern[str] = LAYER) -> str | None:
+    """Map a tensor name through `table`, whose keys use {i} for the layer index; None if absent.
+    `layer` finds the layer index in a name (gguf.py passes llama.cpp's `blk.N.`)."""
+    match = layer.match(name)
     if match is None:
         return table.get(name)
-    template = table.get(LAYER.sub(r"\1.{i}.", name, count=1))
+    template = table.get(layer.sub(r"\1.{i}.", name, count=1))
     return None if template is None else template.format(i=match.group(2))
 
 
