@@ -1,11 +1,12 @@
 """Faster drop-in variants of llama.py's modules; `use_fast_kernels(model)` swaps them in.
 
 A door you can skip: llama.py shows what each variant computes, and tests/test_kernels.py checks
-that both give the same values and gradients. load.py swaps them into every model it loads, so
-training, the reference cache, SFT, eval, generation, the built-in task and the benchmarks all
-run them. Each variant subclasses its textbook module, adds no parameters and changes only how
-the result is computed, so checkpoints, LoRA and FSDP see the same model. Timings come from
-docs/performance.md and bench/.
+that both give the same values and gradients (bit for bit where only what autograd keeps
+changes, within rounding where sums are reordered). load.py swaps them into every model it
+loads, so training, the reference cache, SFT, eval, generation, the built-in task and the
+benchmarks all run them. Each variant subclasses its textbook module, adds no parameters and
+changes only how the result is computed, so checkpoints, LoRA and FSDP see the same model.
+Timings come from docs/performance.md and bench/.
 """
 
 from typing import TypeVar
