@@ -13,7 +13,9 @@ from ropo.data import TokenizedPair
 from ropo.logps import collate_sequences, pair_logps
 from ropo.logps_fused import (
     TargetLogProbs,
+    attention_bias,
     collate_pairs,
+    query_dtype,
     response_logps,
     score_pairs,
     sequence_logps,
@@ -245,3 +247,24 @@ def test_target_logprobs_refuse_a_second_backward() -> None:
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_bias_is_what_sdpa_makes_of_the_bool_mask(autocast: bool) -> None:
+    # response_logps hands every layer one additive mask instead of the bool mask, which SDPA
+    # would convert in each layer: the same log-probs and gradients, to the bit, also under
+    # bf16 autocast, where the bias must take the queries' dtype.
+    model = tiny_model(sliding_window=4)
+    batch = collate_pairs(PAIRS, pad_id=0)
+    mask = shared_prompt_mask(batch.segments, batch.positions, sliding_window=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        bias = attention_bias(mask, query_dtype(model, batch.input_ids.device))
+        results = []
+        for attn_mask in (bias, mask):
+            model.zero_grad()
+            hidden = model.hidden_states(batch.input_ids, batch.positions, attn_mask)
+            hidden.float().square().sum().backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            results.append([hidden.detach(), *grads])
+    assert bias.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
