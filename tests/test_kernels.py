@@ -222,8 +222,10 @@ def test_weight_first_linear_is_linear_itself_outside_decoding(case: str) -> Non
         assert got.requires_grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_feed_forward_equals_the_textbook_module_bit_for_bit(dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_swiglu_feed_forward_equals_the_textbook_module_bit_for_bit(dtype, autocast) -> None:
     textbook = our_model("llama").layers[0].feed_forward.to(dtype)
     fast = use_fast_kernels(copy.deepcopy(textbook))
     assert type(fast) is SwiGLUFeedForward
@@ -233,13 +235,17 @@ def test_swiglu_feed_forward_equals_the_textbook_module_bit_for_bit(dtype) -> No
     )
     results = []
     for module in (fast, textbook):
-        values = values_and_grads(module, x.to(dtype), grad_out=grad_out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            values = values_and_grads(module, x.to(dtype), grad_out=grad_out)
         results.append([*values, *(p.grad for p in module.parameters())])
     for ours, reference in zip(results[0], results[1], strict=True):
         assert torch.equal(ours, reference)
 
 
-def test_swiglu_keeps_one_intermediate_tensor_fewer_for_backward() -> None:
+@pytest.mark.parametrize("autocast, fewer", [(False, 2), (True, 1)])
+def test_swiglu_keeps_fewer_intermediate_tensors_for_backward(autocast: bool, fewer: int) -> None:
+    # silu(gate) and w2's input are recomputed in backward; under autocast w2 stays a module
+    # (its input is saved) and only silu(gate) goes.
     textbook = our_model("llama").layers[0].feed_forward
     fast = use_fast_kernels(copy.deepcopy(textbook))
     x = torch.randn(3, 7, textbook.w1.in_features, requires_grad=True)
@@ -251,9 +257,20 @@ def test_swiglu_keeps_one_intermediate_tensor_fewer_for_backward() -> None:
             sizes[t.untyped_storage().data_ptr()] = t.numel()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             module(x)
         return sum(sizes.values()) - x.numel()  # x itself is no activation
 
     per_tensor = 3 * 7 * textbook.w1.out_features
-    assert saved_elements(textbook) - saved_elements(fast) == per_tensor
+    assert saved_elements(textbook) - saved_elements(fast) == fewer * per_tensor
+
+
+def test_swiglu_without_autograd_leaves_w2_to_its_module() -> None:
+    # A decode step's w2 is a WeightFirstLinear: the no-grad road must call it, not F.linear.
+    fast = use_fast_kernels(copy.deepcopy(our_model("llama").layers[0].feed_forward))
+    calls = []
+    fast.w2.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        fast(torch.randn(2, 1, fast.w1.in_features))
+    assert calls == [1]

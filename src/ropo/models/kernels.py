@@ -129,17 +129,28 @@ class KvCopyAttention(Attention):
 
 
 class SwiGLUFeedForward(FeedForward):
-    """Replaces FeedForward.forward: silu(gate) * up as one autograd node that keeps only gate
-    and up for backward, not also silu(gate), and recomputes that in backward. One tensor of
-    (tokens, intermediate) fewer per layer held through the step: about 280 MB at SmolLM2-135M's
-    shape and 1,536 tokens. Backward runs the kernels autograd runs, so gradients are identical.
+    """Replaces FeedForward.forward: w2(silu(gate) * up) keeping only gate and up for backward.
+
+    Autograd would also keep silu(gate), and w2 its input silu(gate) * up: two tensors of
+    (tokens, intermediate) per layer, about 570 MB at SmolLM2-135M's shape and 1,536 tokens.
+    Backward recomputes both (two elementwise kernels) and runs the kernels autograd runs, in
+    the same order, so values and gradients are identical. A LoRA-wrapped w2 or autocast (whose
+    casts are graph nodes of their own) keep w2 as a module and drop only silu(gate).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(SwiGLUFunction.apply(self.w1(x), self.w3(x)))
+        gate, up = self.w1(x), self.w3(x)
+        if not torch.is_grad_enabled():  # nothing to keep; w2 may be a decode step's variant
+            return self.w2(F.silu(gate) * up)
+        plain_w2 = isinstance(self.w2, nn.Linear) and self.w2.bias is None
+        if plain_w2 and not torch.is_autocast_enabled(x.device.type):
+            return SwiGLUDown.apply(gate, up, self.w2.weight)
+        return self.w2(SwiGLUFunction.apply(gate, up))
 
 
 class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up."""
+
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
@@ -148,9 +159,33 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         gate, up = ctx.saved_tensors
-        # What autograd does for F.silu(gate) * up: mul's backward, then silu's.
-        grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
-        return grad_gate, grad_out * F.silu(gate)
+        return swiglu_backward(grad_out, gate, up)
+
+
+class SwiGLUDown(torch.autograd.Function):
+    """F.linear(silu(gate) * up, weight), keeping gate, up and the weight."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        gate, up, weight = ctx.saved_tensors
+        hidden = (F.silu(gate) * up).flatten(0, -2)  # (N, I), as the forward computed it
+        grad_2d = grad_out.flatten(0, -2)  # (N, O)
+        # linear's backward as autograd runs it for x @ weight^T: grad @ weight for the input,
+        # grad^T @ x for the weight.
+        grad_hidden = grad_2d.mm(weight).view_as(gate)
+        grad_weight = grad_2d.t().mm(hidden) if ctx.needs_input_grad[2] else None
+        return *swiglu_backward(grad_hidden, gate, up), grad_weight
+
+
+def swiglu_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of silu(gate) * up as autograd computes them: mul's backward, then silu's."""
+    grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+    return grad_gate, grad_out * F.silu(gate)
 
 
 class WeightFirstLinear(nn.Linear):
