@@ -26,6 +26,7 @@ from conftest import write_synthetic_pairs
 from ropo.cli import main
 from ropo.config_load import load_config
 from ropo.models import Transformer, load_model, load_tokenizer, save_model
+from ropo.training_run import run_inputs
 
 GOOD = {"id": "p0", "prompt": "Question: apple Answer:", "chosen": " apple", "rejected": " kilo"}
 BAD_LINES = [  # line 2 of the data file, the message that must name it
@@ -138,7 +139,7 @@ def test_skipped_pairs_are_counted_and_reported(
 def test_max_pairs_cut_is_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_synthetic_pairs(tmp_path / "pairs.jsonl", 10)
     cfg = load_config(None, run_args(tiny_model_dir, data, tmp_path, "max_pairs=6"))
-    prepared = run_setup.prepare_data(cfg, load_tokenizer(tiny_model_dir), tmp_path)
+    prepared = run_setup.prepare_data(cfg, load_tokenizer(tiny_model_dir), run_inputs(cfg))
     assert len(prepared.tokens) == 6
     assert "read 10 pairs, used 6, skipped 4 (beyond_max_pairs: 4)" in prepared.summary
 

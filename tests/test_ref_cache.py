@@ -29,6 +29,7 @@ from ropo.models.config import read_model_config
 from ropo.models.tokenizer import train_tokenizer
 from ropo.ref_cache import RefLogps
 from ropo.run_setup import Run, reference, start_run
+from ropo.training_run import run_inputs
 
 OLD_CONVENTION = "summed-response-logps-fp32-v1"  # the two-row layout, before the shared prompt
 
@@ -94,7 +95,8 @@ def reference_of(model_dir: Path, pairs_file: Path, out: Path, *extra: str) -> t
     out.mkdir()
     args = [f"model={model_dir}", f"data={pairs_file}", f"out={out}", "max_length=64",
             "device=cpu", *extra]  # fmt: skip
-    run = start_run(load_config(None, args))
+    cfg = load_config(None, args)
+    run = start_run(cfg, run_inputs(cfg))
     return run, reference(run, run.data.tokens)
 
 

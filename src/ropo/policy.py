@@ -25,18 +25,17 @@ from ropo.models.llama import Transformer
 from ropo.models.load import checkpoint_dtype, save_weights
 from ropo.models.lora import apply_lora, is_adapter, merged_weights
 from ropo.models.peft_export import save_peft_adapters
-from ropo.presets import resolve_inputs
 from ropo.resources import DTYPES, check_fits, check_memory, check_vocab
 from ropo.sft_config import SftConfig
 from ropo.step import make_optimizer
 from ropo.training_run import TrainingRun
 
 
-def policy_source(cfg: RunConfig | SftConfig, device: torch.device) -> tuple[Path, Tokenizer]:
-    """The policy's model directory and tokenizer, checked to belong together and to fit
-    (positions, LoRA rank, memory on `device`) before any weight is read."""
-    # Weights and data together: a run missing both says so at once, not one per attempt.
-    model_dir, _, _ = resolve_inputs(cfg.model.model, cfg.data.data, cfg.data.format)
+def policy_tokenizer(
+    cfg: RunConfig | SftConfig, model_dir: Path, device: torch.device
+) -> Tokenizer:
+    """The tokenizer of the policy's model directory, checked to belong to its weights, and the
+    model checked to fit (positions, LoRA rank, memory on `device`) before any weight is read."""
     tokenizer = load_tokenizer(model_dir)
     config = read_model_config(model_dir)  # read once; these checks fail in a second
     check_vocab(tokenizer, config, model_dir)
@@ -44,7 +43,7 @@ def policy_source(cfg: RunConfig | SftConfig, device: torch.device) -> tuple[Pat
     memory = check_memory(config, cfg, device, model_dir, distributed.world_size())
     if is_main():
         print(memory)
-    return model_dir, tokenizer
+    return tokenizer
 
 
 def build_policy(run: TrainingRun, checkpoint: Path | None = None) -> Transformer:

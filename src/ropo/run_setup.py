@@ -28,12 +28,12 @@ from ropo.loss import PreferenceLoss, get_loss
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.config import read_model_config
-from ropo.policy import Learner, policy_and_optimizer, policy_source
-from ropo.presets import resolve_data, resolve_model
+from ropo.policy import Learner, policy_and_optimizer, policy_tokenizer
+from ropo.presets import resolve_model
 from ropo.ref_cache import RefLogps, reference_logps
 from ropo.run_info import write_run_info
 from ropo.step import autocast, round_epochs
-from ropo.training_run import LoopPosition, TrainingRun, identify_run
+from ropo.training_run import LoopPosition, RunInputs, TrainingRun, identify_run
 
 
 @dataclass
@@ -91,25 +91,24 @@ class LoopState(LoopPosition):
         return cls(**(record | {"sampled": sampled}))
 
 
-def start_run(cfg: RunConfig) -> Run:
+def start_run(cfg: RunConfig, inputs: RunInputs) -> Run:
     """Check what can fail fast (run directory, paths, vocab, memory), then read the data.
 
     The caller holds the run directory's lock (run_dir.locked). A fresh run needs an empty
     directory (or overwrite=true, which empties it once the model and tokenizer check out); a
     resume first checks that its model, tokenizer and data are the ones run.json recorded.
     """
-    out = Path(cfg.run.resume or cfg.run.out)
+    out, model_dir = inputs.out, inputs.model_dir
     torch.manual_seed(cfg.run.seed)
     device = distributed.init(cfg)  # joins the process group under torchrun
     if not cfg.run.resume and is_main():
         run_dir.check_fresh(out, cfg.run.overwrite, cfg.command)
-    model_dir, tokenizer = policy_source(cfg, device)
+    tokenizer = policy_tokenizer(cfg, model_dir, device)
     reference_dir = reference_model_dir(cfg, model_dir)
     loss_fn = get_loss(cfg.loss.loss, beta=cfg.loss.beta, **loss_params(cfg))
-    data_file, _ = resolve_data(cfg.data.data, cfg.data.format)
-    inputs = run_dir.input_fingerprints(model_dir, data_file, reference_dir) | heldout_inputs(cfg)
-    identity = identify_run(out, cfg.run, inputs)
-    data = prepare_data(cfg, tokenizer, out)
+    fingerprints = run_dir.input_fingerprints(model_dir, inputs.data_file, reference_dir)
+    identity = identify_run(out, cfg.run, fingerprints | heldout_inputs(cfg))
+    data = prepare_data(cfg, tokenizer, inputs)
     if is_main():
         print(data.summary)
         eval_ids = data.heldout.split_ids if data.heldout else []
@@ -180,12 +179,12 @@ def loss_params(cfg: RunConfig) -> dict[str, float]:
     return {name: given[name] for name in get_loss(cfg.loss.loss).params}
 
 
-def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
+def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, inputs: RunInputs) -> Dataset:
     """Load, inject noise (recording the flip mask in <out>/flips.json) and tokenise."""
-    path, data_format = resolve_data(cfg.data.data, cfg.data.format)
-    model_dir = resolve_model(cfg.model.model)
-    chat = load_chat_format(model_dir, cfg.data.template, tokenizer)
-    pairs, report = load_pairs(path, data_format, chat, strict=cfg.data.strict_data)
+    chat = load_chat_format(inputs.model_dir, cfg.data.template, tokenizer)
+    pairs, report = load_pairs(
+        inputs.data_file, inputs.data_format, chat, strict=cfg.data.strict_data
+    )
     if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
         report.skipped["beyond_max_pairs"] = len(pairs) - cfg.data.max_pairs  # counted, not silent
         pairs = pairs[: cfg.data.max_pairs]
@@ -196,10 +195,10 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     if cfg.data.noise > 0:
         pairs, flips = inject_noise(pairs, cfg.data.noise, cfg.run.seed)
         if is_main():
-            (out / "flips.json").write_text(json.dumps(flips))
+            (inputs.out / "flips.json").write_text(json.dumps(flips))
     tokens, report = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, report, chat)
     if not tokens:
-        raise ValueError(f"{path}: no usable pairs left ({report.summary()})")
+        raise ValueError(f"{inputs.data_file}: no usable pairs left ({report.summary()})")
     if chat.note and is_main():
         print(chat.note)
     used = {pair.id for pair in tokens}
@@ -207,7 +206,9 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path) -> Dataset:
     flips = {i: flips[i] for i in used} if flips is not None else None
     noise = f", {sum(flips.values())} labels flipped (noise={cfg.data.noise})" if flips else ""
     heldout = prepare_heldout(cfg, tokenizer, chat, split_off)
-    summary = f"{path}: {report.summary()}{noise}" + (f"\n{heldout.summary}" if heldout else "")
+    summary = f"{inputs.data_file}: {report.summary()}{noise}" + (
+        f"\n{heldout.summary}" if heldout else ""
+    )
     return Dataset(text, tokens, flips, summary, heldout)
 
 

@@ -34,8 +34,7 @@ from ropo.logps_fused import sequence_logps
 from ropo.models import Tokenizer
 from ropo.models.chat_format import load_chat_format
 from ropo.models.llama import Transformer
-from ropo.policy import policy_and_optimizer, policy_source, save_final
-from ropo.presets import resolve_data
+from ropo.policy import policy_and_optimizer, policy_tokenizer, save_final
 from ropo.progress import PlainProgress, progress_bar
 from ropo.resources import pick_device
 from ropo.run_info import write_run_info
@@ -43,7 +42,7 @@ from ropo.saving import check_step, save, stop_for_sigterm
 from ropo.sft_config import SftConfig, SftOptimSettings
 from ropo.sft_data import SftExample, load_demonstrations, tokenize_demonstrations
 from ropo.step import StepSettings, apply_step, autocast, clip_gradients, epoch_steps, learning_rate
-from ropo.training_run import LoopPosition, TrainingRun, identify_run, run_directory
+from ropo.training_run import LoopPosition, RunInputs, TrainingRun, identify_run, run_inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,10 +66,11 @@ def sft(cfg: SftConfig) -> Path:
     """Fine-tune `model` on the examples of `data` as `cfg` says; returns the run directory, whose
     final/ holds the model. Ctrl-C or SIGTERM (under interrupt.handled) raise Interrupted, which
     says where the run stopped."""
-    out = run_directory(cfg)
+    inputs = run_inputs(cfg)
+    out = inputs.out
     with run_dir.locked(out):
         start = time.perf_counter()
-        run = start_sft(cfg)
+        run = start_sft(cfg, inputs)
         policy, optimizer, state = start_or_resume_sft(run)
         total = total_steps(len(run.examples), cfg.optim)
         bar = progress_bar(total=total, initial=state.global_step, desc="sft", unit="step")
@@ -85,19 +85,19 @@ def sft(cfg: SftConfig) -> Path:
     return out
 
 
-def start_sft(cfg: SftConfig) -> SftRun:
+def start_sft(cfg: SftConfig, inputs: RunInputs) -> SftRun:
     """Check what can fail fast (run directory, model, vocab, memory), then read the examples and
     write run.json. The caller holds the run directory's lock; fresh, overwrite and resume follow
     `ropo train`'s rules (training_run.identify_run)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("ropo sft runs in one process; start it without torchrun")
-    out = Path(cfg.run.resume or cfg.run.out)
+    out, model_dir = inputs.out, inputs.model_dir
+    data_file, data_format = inputs.data_file, inputs.data_format
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg.model.device)
     if not cfg.run.resume:
         run_dir.check_fresh(out, cfg.run.overwrite, cfg.command)
-    model_dir, tokenizer = policy_source(cfg, device)
-    data_file, data_format = resolve_data(cfg.data.data, cfg.data.format)
+    tokenizer = policy_tokenizer(cfg, model_dir, device)
     identity = identify_run(out, cfg.run, run_dir.input_fingerprints(model_dir, data_file))
     examples, report = prepare_examples(cfg, model_dir, tokenizer, data_file, data_format)
     summary = f"{data_file}: {report.summary()}"

@@ -55,19 +55,20 @@ from ropo.step import (
     train_step,
 )
 from ropo.summary import run_summary
-from ropo.training_run import run_directory
+from ropo.training_run import run_inputs
 
 
 def train(cfg: RunConfig) -> Path:
     """Run the whole ROPO pipeline described by `cfg`; returns the run directory.
 
-    A missing model or data file fails before the run directory is made (run_directory); the
+    A missing model or data file fails before the run directory is made (run_inputs); the
     directory stays locked while the run lives. Ctrl-C or SIGTERM (with `interrupt.handled` in
     force, as under the CLI) raise `Interrupted`, which says where the run stopped.
     """
-    with run_dir.locked(run_directory(cfg)):
+    inputs = run_inputs(cfg)
+    with run_dir.locked(inputs.out):
         start = time.perf_counter()
-        run = start_run(cfg)
+        run = start_run(cfg, inputs)
         ref = reference(run, run.data.tokens)
         heldout_ref = reference(run, run.data.heldout.tokens) if run.data.heldout else None
         learner, state = start_or_resume(run)

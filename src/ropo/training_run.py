@@ -101,16 +101,29 @@ class LoopPosition:
         return cls(**record)
 
 
-def run_directory(cfg: RunConfig | SftConfig) -> Path:
-    """The run directory (`resume`, else `out`), once what can fail before it is made has been
-    checked: the model and the data exist, and out= (and cache_dir=) can be made and written. A
-    missing input found only after the lock would leave a directory that holds just the lock."""
-    resolve_inputs(cfg.model.model, cfg.data.data, cfg.data.format)
+@dataclass(frozen=True)
+class RunInputs:
+    """Where a training command reads and writes, resolved once, before its directory is made."""
+
+    out: Path  # the run directory: `resume`, else `out`
+    model_dir: Path
+    data_file: Path
+    data_format: str
+
+
+def run_inputs(cfg: RunConfig | SftConfig) -> RunInputs:
+    """The run's directory and inputs, once what can fail before the directory is made has been
+    checked: the model and the data exist (every missing one named at once), and out= (and
+    cache_dir=) can be made and written. A missing input found only after the lock would leave
+    a directory that holds just the lock."""
+    model_dir, data_file, data_format = resolve_inputs(
+        cfg.model.model, cfg.data.data, cfg.data.format
+    )
     out = Path(cfg.run.resume or cfg.run.out)
     run_dir.check_writable_dir(out, "out")
     if isinstance(cfg, RunConfig) and cfg.run.cache_dir:
         run_dir.check_writable_dir(Path(cfg.run.cache_dir), "cache_dir")
-    return out
+    return RunInputs(out, model_dir, data_file, data_format)
 
 
 def identify_run(
