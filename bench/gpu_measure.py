@@ -258,23 +258,8 @@ def decoding_vs_transformers(shape: str, workload: DecodeWorkload, device: str =
     the same tokens, new tokens/s of each, and our decode steps against the bandwidth bound."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = model_config(shape)
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.dim,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    # model_config(shape) as transformers reads it; generate wants a pad id, the rows have none.
+    config = LlamaConfig(**model_config(shape).to_hf(), pad_token_id=0)
     with torch.device(device):
         hf = LlamaForCausalLM(config).to(torch.bfloat16)  # transformers' init: std 0.02
     with tempfile.TemporaryDirectory(prefix="ropo-decode-") as work_dir:
