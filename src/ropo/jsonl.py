@@ -3,7 +3,8 @@ appended, and the truncation a resumed run does to its audit files.
 
 Plumbing under the data stage and the audit, which a reader of the method can skip: data.py
 reads its pairs through `read_records`, audit.py and the training loops append through
-`append_jsonl`. Comes before data.py in the data flow, so every stage can use it.
+`append_jsonl`, and the run summaries and the built-in task read a run's files back through
+`read_jsonl`. Comes before data.py in the data flow, so every stage can use it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _is_unicode(record: dict) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file, checked as read_records checks them."""
+    return [record for _, record in read_records(path)]
 
 
 def append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:

@@ -13,7 +13,6 @@ process only.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,7 +27,7 @@ from ropo import interrupt, run_dir
 from ropo.data import DataReport
 from ropo.fingerprints import fingerprint_rows
 from ropo.interrupt import Interrupted
-from ropo.jsonl import append_jsonl, truncate_jsonl
+from ropo.jsonl import append_jsonl, read_jsonl, truncate_jsonl
 from ropo.logps import collate_sequences
 from ropo.logps_fused import sequence_logps
 from ropo.models import Tokenizer
@@ -227,7 +226,7 @@ def log_step(path: Path, state: LoopPosition, stats: SftStepStats) -> None:
 def sft_summary(run: SftRun, state: LoopPosition, wall_seconds: float) -> str:
     """The run in a few lines: time, examples, the loss at the first and the last step (from
     metrics.jsonl, so a resumed run counts its whole history) and where the model is."""
-    records = map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
+    records = read_jsonl(run.out / "metrics.jsonl")
     losses = [record["loss"] for record in records if "loss" in record]
     lines = [
         f"sft finished: {state.global_step} steps, {timedelta(seconds=round(wall_seconds))} wall "

@@ -6,10 +6,11 @@ before the interruption. Rounds are numbered from 1 here as in every file the ru
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from ropo.jsonl import read_jsonl
 
 # What a run may leave in its directory, in the order a person would open it.
 OUTPUTS = ("final", "run.json", "metrics.jsonl", "pairs.jsonl", "cleaned.jsonl", "train_log.jsonl",
@@ -19,7 +20,7 @@ OUTPUTS = ("final", "run.json", "metrics.jsonl", "pairs.jsonl", "cleaned.jsonl",
 def run_summary(out: Path, data_summary: str, wall_seconds: float, n_skipped_nonfinite: int) -> str:
     """The run in a few lines: wall time, pairs used and skipped, each round's kept and dropped
     counts with accuracy (and flip detection when noise was injected), and the files written."""
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = read_jsonl(out / "metrics.jsonl")
     rounds = [r for r in rounds if r.get("round", 0) >= 1]
     lines = [
         f"run finished: {timedelta(seconds=round(wall_seconds))} wall time in this process",

@@ -5,12 +5,12 @@ state, no global backend switch): `Figure.savefig` renders with Agg.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from ropo.jsonl import read_jsonl
 from ropo_builtin.tables import sweep_label
 
 COLORS = {
@@ -33,10 +33,6 @@ COLORS = {
 def color(method: str) -> str:
     """The method's colour in every figure; black for a method without one of its own."""
     return COLORS.get(method, "#000000")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_summary(results: dict[str, Any], path: Path) -> None:
@@ -119,7 +115,7 @@ def plot_margins(out: Path, results: dict[str, Any], path: Path) -> bool:
     fig = Figure(figsize=(4.2 * len(runs), 3.8), layout="constrained")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, run in zip(axes, runs, strict=True):
-        records = _read_jsonl(out / run["run_dir"] / "pairs.jsonl")
+        records = read_jsonl(out / run["run_dir"] / "pairs.jsonl")
         last_round = max(r["round"] for r in records)
         last = [r for r in records if r["round"] == last_round]
         for flipped, color, name in ((False, "#2ca02c", "clean"), (True, "#d62728", "flipped")):
@@ -143,7 +139,7 @@ def plot_training(out: Path, results: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for run in results["runs"]:
-        log = _read_jsonl(out / run["run_dir"] / "train_log.jsonl")
+        log = read_jsonl(out / run["run_dir"] / "train_log.jsonl")
         steps = [r["step"] for r in log]
         for ax, key in zip(axes, ("loss", "reward_accuracy"), strict=True):
             values = smooth([r[key] for r in log])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ropo.config_load import build_config
+from ropo.jsonl import read_jsonl
 from ropo.models import ModelConfig, Tokenizer, Transformer, save_model
 from ropo.sft import sft
 from ropo.sft_config import SftConfig
@@ -92,5 +93,4 @@ def train_sft(
         "device": s.device,
     }
     sft(build_config(keys, config=SftConfig))
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [record["loss"] for record in read_jsonl(run_dir / "metrics.jsonl")]

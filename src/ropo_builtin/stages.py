@@ -13,6 +13,7 @@ from typing import Any
 
 from ropo.config_load import build_config
 from ropo.data import write_pairs_jsonl
+from ropo.jsonl import read_jsonl
 from ropo.models import load_model, load_tokenizer
 from ropo.models.tokenizer import train_tokenizer
 from ropo.resources import pick_device
@@ -213,9 +214,9 @@ def stage_eval(
             sft = judge()
             return {"scores": sft.sft_scores.to_dict(), "prompt_rewards": sft.sft_prompt_rewards}
         scores, prompt_rewards = judge().score(model_dir, name)
-        audit = _read_jsonl(model_dir.parent / "pairs.jsonl")
+        audit = read_jsonl(model_dir.parent / "pairs.jsonl")
         rounds = evaluate.noise_identification(audit)
-        metrics = _read_jsonl(model_dir.parent / "metrics.jsonl")
+        metrics = read_jsonl(model_dir.parent / "metrics.jsonl")
         return {
             "scores": scores.to_dict(),
             "prompt_rewards": prompt_rewards,
@@ -224,7 +225,3 @@ def stage_eval(
 
     inputs = {"upstream": upstream, **_pick(s, EVAL_KEYS)}
     return run_stage(out, f"eval/{name}", inputs, [], work)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
