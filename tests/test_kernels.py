@@ -150,6 +150,12 @@ def test_kv_copy_equals_enable_gqa_under_a_mask() -> None:
     assert torch.allclose(grouped, copied, rtol=0, atol=1e-6)
 
 
+def logits_and_grads(model: torch.nn.Module, ids: torch.Tensor, real, mask) -> list:
+    logits = model(ids, attn_mask=mask).double()
+    (logits[real].log_softmax(-1)[:, 7]).sum().backward()
+    return [logits[real].detach(), *(p.grad for p in model.parameters())]
+
+
 @pytest.mark.parametrize(
     "kind, overrides",
     [
@@ -157,21 +163,27 @@ def test_kv_copy_equals_enable_gqa_under_a_mask() -> None:
         ("mistral", {"num_key_value_heads": 2, "sliding_window": 5}),
     ],
 )
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_fast_model_equals_the_textbook_model(kind, overrides, dtype, tol) -> None:
-    textbook = our_model(kind, **overrides).to(dtype).train()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_model_equals_the_textbook_model(kind, overrides, dtype) -> None:
+    base = our_model(kind, **overrides).train()
+    textbook = copy.deepcopy(base).to(dtype)
     fast = use_fast_kernels(copy.deepcopy(textbook))
     ids = random_ids(2, 14)
     real = torch.ones_like(ids, dtype=torch.bool)
     real[1, 9:] = False  # right padding
-    mask = causal_mask(real, textbook.config.sliding_window)
-    results = []
-    for model in (fast, textbook):
-        logits = model(ids, attn_mask=mask).float()
-        (logits[real].log_softmax(-1)[:, 7]).sum().backward()
-        results.append([logits[real].detach(), *(p.grad for p in model.parameters())])
-    for ours, reference in zip(results[0], results[1], strict=True):
-        assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
+    mask = causal_mask(real, base.config.sliding_window)
+    ours, reference = (logits_and_grads(m, ids, real, mask) for m in (fast, textbook))
+    if dtype == torch.float32:  # the same sums up to rounding
+        for a, b in zip(ours, reference, strict=True):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        return
+    # bf16 rounds every op to 8 bits: the textbook model's own gradients are up to ~4% off the
+    # exact ones (varying with the CPU's bf16 kernels), so ours are held to its accuracy.
+    exact = logits_and_grads(copy.deepcopy(base).double(), ids, real, mask)
+    for a, b, truth in zip(ours, reference, exact, strict=True):
+        scale = truth.abs().max()
+        our_error, textbook_error = (a - truth).abs().max(), (b - truth).abs().max()
+        assert our_error <= 2 * textbook_error + 1e-3 * scale
 
 
 def test_swap_keeps_parameters_and_names() -> None:
