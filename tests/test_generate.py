@@ -9,7 +9,7 @@ import torch
 
 from model_fixtures import hf_model, our_model, save_hf, tiny_config
 from ropo.models import Transformer
-from ropo.models.kernels import WeightFirstLinear
+from ropo.models.kernels import PackedLinear
 from ropo.models.load import load_model
 from ropo.models.sample import KVCache, cached_last_logits, generate
 
@@ -60,18 +60,24 @@ def test_greedy_equals_transformers_generate(name: str, tmp_path) -> None:
     assert generate(ours, PROMPTS, max_new_tokens=8, temperature=0) == expected
 
 
-def test_greedy_equals_transformers_where_decoding_runs_weight_first(tmp_path) -> None:
+def test_greedy_equals_transformers_where_decoding_runs_packed(tmp_path) -> None:
     # Width 128 and a 1024-token vocabulary put the MLP weights and the tied LM head past
-    # WeightFirstLinear's size threshold, so every decode step reorders their sums.
+    # PackedLinear's size threshold, so the prompt pass and every decode step reorder their sums.
     overrides = {"hidden_size": 128, "intermediate_size": 512, "vocab_size": 1024}
     hf = hf_model("llama", eos_token_id=None, bos_token_id=None, pad_token_id=0, **overrides)
     ours = load_model(save_hf(hf, tmp_path))
-    sizes = [m.weight.nbytes for m in ours.modules() if isinstance(m, WeightFirstLinear)]
-    assert max(sizes) >= WeightFirstLinear.MIN_WEIGHT_BYTES
+    packed_calls = []
+    for module in ours.modules():
+        if isinstance(module, PackedLinear):
+            module.register_forward_hook(
+                lambda m, *_: packed_calls.append("packed_weight" in m.__dict__)
+            )
     prompts = [[5, 17, 3, 9], [9, 1, 44, 2], [100, 4, 55, 23], [7, 90, 8, 31]]  # 4 rows, no padding
     out = hf.generate(torch.tensor(prompts), max_new_tokens=10, do_sample=False)
     expected = out[:, 4:].tolist()
     assert generate(ours, prompts, max_new_tokens=10, temperature=0) == expected
+    assert sum(packed_calls) >= 3 * 10  # w1, w3 and the LM head, in every pass
+    assert not any("packed_weight" in m.__dict__ for m in ours.modules())  # gone afterwards
 
 
 def test_eos_ends_a_row_and_is_kept() -> None:

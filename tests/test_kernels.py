@@ -1,9 +1,10 @@
 """models/kernels.py's variants against the textbook modules of models/llama.py (and the formulas
 transformers writes), values and gradients: RMSNorm's closed-form backward, the roll form of
-RoPE, the k/v copy for grouped-query attention, the weight-first linear layer of decoding, and
+RoPE, the k/v copy for grouped-query attention, the packed linear layer of decoding, and
 whole models with every variant swapped in."""
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from model_fixtures import our_model, random_ids
 from ropo.models.kernels import (
     FastRMSNorm,
     KvCopyAttention,
+    PackedLinear,
     RMSNormFunction,
     RolledRotaryEmbedding,
     SwiGLUFeedForward,
-    WeightFirstLinear,
+    packable,
+    packed_for_decoding,
     use_fast_kernels,
 )
 from ropo.models.llama import Attention, FeedForward, RMSNorm, RotaryEmbedding, causal_mask
@@ -199,39 +202,76 @@ def test_swap_keeps_parameters_and_names() -> None:
         KvCopyAttention,
         RolledRotaryEmbedding,
         SwiGLUFeedForward,
-        WeightFirstLinear,
+        PackedLinear,
     }
     assert fast <= kinds
     assert not kinds & {RMSNorm, Attention, RotaryEmbedding, FeedForward, torch.nn.Linear}
 
 
-@pytest.mark.parametrize("rows", [2, 8, 64])
-def test_weight_first_linear_equals_linear_in_a_decode_step(rows: int) -> None:
-    textbook = torch.nn.Linear(256, 1024, bias=False)  # 1 MiB: past the size threshold
+PACKED_DTYPES = [torch.float32] + (
+    [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []
+)
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("rows, bias", [(1, False), (8, False), (64, False), (8, True)])
+def test_packed_linear_equals_linear_while_packed(rows: int, bias: bool, dtype) -> None:
+    textbook = torch.nn.Linear(256, 1024, bias=bias).to(dtype)  # 1 MiB in fp32: packable
     fast = use_fast_kernels(copy.deepcopy(textbook))
-    assert type(fast) is WeightFirstLinear
-    assert fast.weight.nbytes >= WeightFirstLinear.MIN_WEIGHT_BYTES
-    x = torch.randn(rows, 1, 256, generator=torch.Generator().manual_seed(rows))
-    with torch.inference_mode():
+    assert type(fast) is PackedLinear and packable(fast.weight)
+    x = torch.randn(rows, 1, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    with torch.inference_mode(), packed_for_decoding(fast, rows=8):
         got, want = fast(x), textbook(x)
-        weight_first = (textbook.weight @ x[:, 0].t()).t()[:, None]  # what the variant computes
-    assert got.shape == want.shape == (rows, 1, 1024) and got.is_contiguous()
-    assert torch.equal(got, weight_first)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same sums, reordered
+        bias = fast.bias
+        packed = torch.ops.mkldnn._linear_pointwise(x, fast.packed_weight, bias, "none", [], "")
+    assert got.shape == want.shape == (rows, 1, 1024) and got.dtype == dtype
+    assert torch.equal(got, packed)  # what the variant computes
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the same sums, reordered
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("case", ["autograd", "one row", "many rows", "small weight"])
-def test_weight_first_linear_is_linear_itself_outside_decoding(case: str) -> None:
-    in_features, rows = (16, 8) if case == "small weight" else (256, 8)
-    rows = {"one row": 1, "many rows": 65}.get(case, rows)
+@pytest.mark.parametrize("case", ["unpacked", "autograd", "after the block", "small weight"])
+def test_packed_linear_is_linear_itself_outside_decoding(case: str) -> None:
+    in_features = 16 if case == "small weight" else 256
     textbook = torch.nn.Linear(in_features, 1024, bias=False)
     fast = use_fast_kernels(copy.deepcopy(textbook))
-    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(case != "autograd"):
-        got, want = fast(x), textbook(x)
+    x = torch.randn(8, in_features, generator=torch.Generator().manual_seed(0))
+    if case == "after the block":
+        with torch.inference_mode(), packed_for_decoding(fast, rows=8):
+            fast(x)
+    packing = case in ("autograd", "small weight")
+    with packed_for_decoding(fast, rows=8) if packing else nullcontext():
+        with torch.inference_mode(case != "autograd"):
+            got, want = fast(x), textbook(x)
+        packed = "packed_weight" in fast.__dict__
+    assert packed == (case == "autograd")  # a small weight is never packed
     assert torch.equal(got, want)  # bit for bit: nn.Linear's own kernel
-    if case == "autograd":
-        assert got.requires_grad
+    assert got.requires_grad == (case == "autograd")
+    assert "packed_weight" not in fast.__dict__
+
+
+def test_packed_copies_stay_out_of_the_checkpoint_and_go_even_on_errors() -> None:
+    model = our_model("llama")
+    model.output.weight = torch.nn.Parameter(torch.randn(1024, model.config.dim))  # packable
+    fast = use_fast_kernels(copy.deepcopy(model))
+    keys = fast.state_dict().keys()
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch.inference_mode(), packed_for_decoding(fast, rows=4):
+            assert "packed_weight" in fast.output.__dict__
+            assert fast.state_dict().keys() == keys
+            with packed_for_decoding(fast, rows=2):  # nested: reuses the outer copies
+                pass
+            assert "packed_weight" in fast.output.__dict__
+            raise RuntimeError("inside the block")
+    assert not any("packed_weight" in m.__dict__ for m in fast.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_weights_oneDNN_cannot_pack_are_left_alone(dtype) -> None:
+    linear = use_fast_kernels(torch.nn.Linear(256, 1024, bias=False).to(dtype))
+    assert not packable(linear.weight)
+    with torch.inference_mode(), packed_for_decoding(linear, rows=8):
+        assert "packed_weight" not in linear.__dict__
 
 
 @pytest.mark.parametrize(
@@ -279,7 +319,7 @@ def test_swiglu_keeps_fewer_intermediate_tensors_for_backward(autocast: bool, fe
 
 
 def test_swiglu_without_autograd_leaves_w2_to_its_module() -> None:
-    # A decode step's w2 is a WeightFirstLinear: the no-grad road must call it, not F.linear.
+    # A decode step's w2 is a PackedLinear: the no-grad road must call it, not F.linear.
     fast = use_fast_kernels(copy.deepcopy(our_model("llama").layers[0].feed_forward))
     calls = []
     fast.w2.register_forward_hook(lambda *_: calls.append(1))

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ropo.models.config import ModelConfig
+from ropo.models.kernels import packed_for_decoding
 from ropo.models.llama import Transformer, causal_mask
 
 # Every SDPA backend but cuDNN's. cuDNN's builds an execution plan per key length, and decoding
@@ -121,23 +122,26 @@ def generate(
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
     dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(model.config, B, P + max_new_tokens, dtype, device)
-    logits = cached_last_logits(model, input_ids, positions, real, cache)  # (B, V)
-    next_position = real.sum(-1, keepdim=True)  # (B, 1)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
-    for step in range(max_new_tokens):
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = float("-inf")
-        token = sample_token(logits, temperature, top_p, generator)  # (B,)
-        token = token.masked_fill(finished, pad_id)
-        new_tokens.append(token)
-        if eos_id is not None:
-            finished |= token == eos_id
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        real_token = torch.ones(B, 1, dtype=torch.bool, device=device)
-        logits = cached_last_logits(model, token[:, None], next_position, real_token, cache)
-        next_position = next_position + 1
+    # Every decode step reads every weight: kernels.PackedLinear's blocked copies make those
+    # reads faster on CPU (a no-op for llama.py's textbook modules).
+    with packed_for_decoding(model, rows=B):
+        logits = cached_last_logits(model, input_ids, positions, real, cache)  # (B, V)
+        next_position = real.sum(-1, keepdim=True)  # (B, 1)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
+            token = sample_token(logits, temperature, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_id)
+            new_tokens.append(token)
+            if eos_id is not None:
+                finished |= token == eos_id
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            real_token = torch.ones(B, 1, dtype=torch.bool, device=device)
+            logits = cached_last_logits(model, token[:, None], next_position, real_token, cache)
+            next_position = next_position + 1
     rows = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
     return [_cut_after_eos(row, eos_id) for row in rows]
 
