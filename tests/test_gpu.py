@@ -95,7 +95,7 @@ def test_rms_norm_on_cuda_matches_the_cpu_function() -> None:
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_fast_kernels_on_cuda_equal_the_textbook_model(dtype: torch.dtype, tol: float) -> None:
-    # F.rms_norm, the rolled RoPE and KvCopyAttention's k/v copy (GQA under a padding mask).
+    # F.rms_norm, the rolled RoPE and FastAttention's k/v copy (GQA under a padding mask).
     textbook = our_model("mistral", num_attention_heads=8, num_key_value_heads=2, sliding_window=5)
     textbook = textbook.to("cuda", dtype).train()
     fast = use_fast_kernels(copy.deepcopy(textbook))

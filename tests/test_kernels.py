@@ -11,8 +11,8 @@ import torch
 
 from model_fixtures import our_model, random_ids
 from ropo.models.kernels import (
+    FastAttention,
     FastRMSNorm,
-    KvCopyAttention,
     PackedLinear,
     RMSNormFunction,
     RolledRotaryEmbedding,
@@ -22,6 +22,7 @@ from ropo.models.kernels import (
     use_fast_kernels,
 )
 from ropo.models.llama import Attention, FeedForward, RMSNorm, RotaryEmbedding, causal_mask
+from ropo.models.lora import LoRALinear, apply_lora
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,7 +139,7 @@ def test_rolled_rotation_is_autograd_through_the_roll_form_bit_for_bit(dtype) ->
 
 
 def test_kv_copy_equals_enable_gqa_under_a_mask() -> None:
-    # KvCopyAttention copies k and v to H heads (on CUDA only); the copy reads as enable_gqa does.
+    # FastAttention copies k and v to H heads (on CUDA only); the copy reads as enable_gqa does.
     config = our_model("llama", num_attention_heads=8, num_key_value_heads=2).config
     attention = Attention(config)
     torch.manual_seed(0)
@@ -199,7 +200,7 @@ def test_swap_keeps_parameters_and_names() -> None:
     kinds = {type(m) for m in model.modules()}
     fast = {
         FastRMSNorm,
-        KvCopyAttention,
+        FastAttention,
         RolledRotaryEmbedding,
         SwiGLUFeedForward,
         PackedLinear,
@@ -218,7 +219,7 @@ PACKED_DTYPES = [torch.float32] + (
 def test_packed_linear_equals_linear_while_packed(rows: int, bias: bool, dtype) -> None:
     textbook = torch.nn.Linear(256, 1024, bias=bias).to(dtype)  # 1 MiB in fp32: packable
     fast = use_fast_kernels(copy.deepcopy(textbook))
-    assert type(fast) is PackedLinear and packable(fast.weight)
+    assert type(fast) is PackedLinear and packable(fast)
     x = torch.randn(rows, 1, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
     with torch.inference_mode(), packed_for_decoding(fast, rows=8):
         got, want = fast(x), textbook(x)
@@ -250,6 +251,42 @@ def test_packed_linear_is_linear_itself_outside_decoding(case: str) -> None:
     assert "packed_weight" not in fast.__dict__
 
 
+WIDE = {"hidden_size": 256, "intermediate_size": 1024, "num_key_value_heads": 2}  # packable
+
+
+@pytest.mark.parametrize("lora_on", [(), ("wq",), ("w3",)])
+def test_fused_products_equal_the_textbook_block_while_packed(lora_on: tuple) -> None:
+    # wq, wk, wv as one packed product and w1, w3 as another, unless LoRA wraps one of them:
+    # then that layer computes its own product and the others are packed alone.
+    textbook = our_model("llama", **WIDE)
+    if lora_on:
+        apply_lora(textbook, rank=4, alpha=8, targets=lora_on)
+        for module in textbook.modules():
+            if isinstance(module, LoRALinear):  # a trained adapter, not B = 0
+                torch.nn.init.normal_(module.lora_b, std=0.1)
+    fast = use_fast_kernels(copy.deepcopy(textbook))
+    block, fast_block = textbook.layers[0], fast.layers[0]
+    x = torch.randn(4, 1, 256, generator=torch.Generator().manual_seed(0))
+    rope = textbook.rope(torch.arange(4)[:, None] + 3, x.dtype)
+    with torch.inference_mode():
+        want = [*block.attention.project(x, rope), block.feed_forward(x)]
+        with packed_for_decoding(fast, rows=4):
+            packed = {
+                name
+                for module in fast_block.modules()
+                for name in ("packed_qkv", "packed_gate_up", "packed_weight")
+                if name in module.__dict__
+            }
+            got = [*fast_block.attention.project(x, rope), fast_block.feed_forward(x)]
+    fused = {"packed_qkv", "packed_gate_up"} - {
+        {"wq": "packed_qkv", "w3": "packed_gate_up"}[name] for name in lora_on
+    }
+    assert packed == fused | {"packed_weight"}  # wo and w2 (and unfused layers) alone
+    assert sum("packed_qkv" in m.__dict__ for m in fast.modules()) == 0  # all gone
+    for ours, reference in zip(got, want, strict=True):  # the same sums, reordered
+        assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
 def test_packed_copies_stay_out_of_the_checkpoint_and_go_even_on_errors() -> None:
     model = our_model("llama")
     model.output.weight = torch.nn.Parameter(torch.randn(1024, model.config.dim))  # packable
@@ -269,7 +306,7 @@ def test_packed_copies_stay_out_of_the_checkpoint_and_go_even_on_errors() -> Non
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_weights_oneDNN_cannot_pack_are_left_alone(dtype) -> None:
     linear = use_fast_kernels(torch.nn.Linear(256, 1024, bias=False).to(dtype))
-    assert not packable(linear.weight)
+    assert not packable(linear)
     with torch.inference_mode(), packed_for_decoding(linear, rows=8):
         assert "packed_weight" not in linear.__dict__
 

@@ -115,12 +115,27 @@ class RolledRotaryEmbedding(RotaryEmbedding):
         return RolledRope(cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype))
 
 
-class KvCopyAttention(Attention):
-    """Replaces Attention.attend on CUDA when a mask meets grouped-query heads: copies k and v
-    to H heads, which keeps the memory-efficient kernel. No fused CUDA kernel takes a mask with
+class FastAttention(Attention):
+    """Replaces Attention.project while `packed_for_decoding` holds: wq, wk and wv as one product
+    with their weights packed side by side (see PackedLinear), about 10% off a decode step at
+    SmolLM2-135M's shape next to packing each alone.
+
+    Replaces Attention.attend on CUDA when a mask meets grouped-query heads: copies k and v to H
+    heads, which keeps the memory-efficient kernel. No fused CUDA kernel takes a mask with
     enable_gqa (flash refuses masks, the memory-efficient one unequal head counts), and the math
     kernel would hold (B, H, T, S) scores per layer. One decoded token's scores are small, so
     sampling's decode steps (T = 1) keep enable_gqa."""
+
+    def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        packed = self.__dict__.get("packed_qkv")  # set by packed_for_decoding only
+        if packed is None or torch.is_grad_enabled() or x.device.type != "cpu":
+            return super().project(x, rope)
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = packed_product(x, packed).split([H * D, K * D, K * D], dim=-1)
+        q = rope.rotate(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        k = rope.rotate(k.view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
+        return q, k, v.view(B, T, K, D).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         H, K, T = q.shape[1], k.shape[1], q.shape[2]
@@ -137,12 +152,17 @@ class SwiGLUFeedForward(FeedForward):
     (tokens, intermediate) per layer, about 570 MB at SmolLM2-135M's shape and 1,536 tokens.
     Backward recomputes both (two elementwise kernels) and runs the kernels autograd runs, in
     the same order, so values and gradients are identical. A LoRA-wrapped w2 or autocast (whose
-    casts are graph nodes of their own) keep w2 as a module and drop only silu(gate).
+    casts are graph nodes of their own) keep w2 as a module and drop only silu(gate). While
+    `packed_for_decoding` holds, w1 and w3 run as one product, as FastAttention's projections.
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        packed = self.__dict__.get("packed_gate_up")  # set by packed_for_decoding only
+        if packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+            gate, up = packed_product(x, packed).chunk(2, dim=-1)  # w1 and w3 in one product
+            return self.w2(F.silu(gate) * up)
         gate, up = self.w1(x), self.w3(x)
-        if not torch.is_grad_enabled():  # nothing to keep; w2 may be a decode step's variant
+        if not torch.is_grad_enabled():  # nothing to keep; w2 may be packed for decoding
             return self.w2(F.silu(gate) * up)
         plain_w2 = isinstance(self.w2, nn.Linear) and self.w2.bias is None
         if plain_w2 and not torch.is_autocast_enabled(x.device.type):
@@ -205,46 +225,66 @@ class PackedLinear(nn.Linear):
         packed = self.__dict__.get("packed_weight")  # set by packed_for_decoding only
         if packed is None or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return packed_product(x, packed, self.bias)
 
 
-def packable(weight: Tensor) -> bool:
-    """Whether PackedLinear gains from packing `weight`: a plain CPU tensor (not an FSDP shard)
-    in fp32, or in bf16 where the CPU has bf16 instructions, and of 256 KiB or more. A smaller
-    weight stays in cache from one step to the next, and there oneDNN's call costs more than
+def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ W^T + bias, W given as packed_for_decoding laid it out."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packable(*layers: nn.Module) -> bool:
+    """Whether packed_for_decoding packs these layers' weights, side by side: PackedLinear
+    layers (a LoRALinear computes its own product, unpacked, and the others of its group are
+    then packed alone), without bias when there are several; CPU tensors, not FSDP shards, of
+    one dtype, fp32 or bf16 where the CPU has bf16 instructions; 256 KiB or more in all. Smaller
+    weights stay in cache from one step to the next, and there oneDNN's call costs more than
     MKL's (26-32 against 10-19 us at the built-in task's shapes, 8 rows)."""
-    if weight.device.type != "cpu" or type(weight.data) is not torch.Tensor:
+    if not all(isinstance(layer, PackedLinear) for layer in layers):
         return False
-    if weight.nbytes < PackedLinear.MIN_WEIGHT_BYTES or not torch.backends.mkldnn.is_available():
+    weights = [layer.weight for layer in layers]
+    if len(layers) > 1 and any(layer.bias is not None for layer in layers):
         return False
-    if weight.dtype == torch.bfloat16:
+    if any(w.device.type != "cpu" or type(w.data) is not torch.Tensor for w in weights):
+        return False
+    dtype, size = weights[0].dtype, sum(w.nbytes for w in weights)
+    if any(w.dtype != dtype for w in weights) or size < PackedLinear.MIN_WEIGHT_BYTES:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    return dtype == torch.float32
 
 
 @contextmanager
 def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
-    """While it holds, every PackedLinear of `model` whose weight is packable multiplies with a
-    blocked copy of that weight, laid out for `rows` rows. Packing reads every weight once
-    (about 0.3 s for SmolLM2-135M), and the copies cost as much memory as those weights until
-    the block ends: worth it for a generate call, whose decode steps read every weight again.
-    The weights must not change meanwhile (generate runs under inference_mode). Layers that an
-    enclosing block packed keep its copies, which that block removes."""
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, PackedLinear) and packable(m.weight) and "packed_weight" not in m.__dict__
-    ]
+    """While it holds, `model`'s packable weights are copied into oneDNN's blocked layout for
+    `rows` rows: wq, wk and wv of each FastAttention side by side, w1 and w3 of each
+    SwiGLUFeedForward, every other PackedLinear alone. Packing reads every weight once (about
+    0.3 s for SmolLM2-135M), and the copies cost as much memory as those weights until the
+    block ends: worth it for a generate call, whose decode steps read every weight again. The
+    weights must not change meanwhile (generate runs under inference_mode). An enclosing
+    block's copies stay, and that block removes them."""
+    packs = []  # (module, attribute, layers whose weights the attribute holds)
+    for module in model.modules():
+        if isinstance(module, FastAttention):
+            packs.append((module, "packed_qkv", (module.wq, module.wk, module.wv)))
+        elif isinstance(module, SwiGLUFeedForward):
+            packs.append((module, "packed_gate_up", (module.w1, module.w3)))
+    packs = [pack for pack in packs if packable(*pack[2])]
+    fused = {id(layer) for _, _, layers in packs for layer in layers}
+    packs += [(m, "packed_weight", (m,)) for m in model.modules() if id(m) not in fused]
+    packs = [p for p in packs if packable(*p[2]) and p[1] not in p[0].__dict__]
     try:
-        for layer in layers:
+        for module, attribute, layers in packs:
+            weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out, in)
             # A plain attribute, not a buffer: state_dict, .to() and FSDP never see it.
-            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-                layer.weight.detach(), rows
-            )
+            setattr(module, attribute, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("packed_weight", None)
+        for module, attribute, _ in packs:
+            module.__dict__.pop(attribute, None)
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -253,7 +293,7 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 FAST_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     RMSNorm: FastRMSNorm,
     RotaryEmbedding: RolledRotaryEmbedding,
-    Attention: KvCopyAttention,
+    Attention: FastAttention,
     FeedForward: SwiGLUFeedForward,
     nn.Linear: PackedLinear,
 }
