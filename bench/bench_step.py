@@ -190,6 +190,7 @@ def summarize(timed: dict, isolated: dict, flops: dict, peak: float, workload: W
         "ratios": ratios,
         "round": summarize_rounds(timed["rounds"]),
         "rounds": timed["rounds"],
+        "wall_seconds": timed["wall_seconds"],
     }
 
 
@@ -210,9 +211,16 @@ def summarize_rounds(rounds: list[dict]) -> dict:
 def measure_variant(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Path, dict]:
     """Write the variant's checkpoint, time it, run its memory workers; the inputs of summarize."""
     plan, workload = plan_of(name, args), workload_of(name)
+    start = time.perf_counter()
     model_dir = write_model(tmp / name, name)
     timed = time_variant(model_dir, workload, plan, tmp / f"{name}-work")
+    in_process = time.perf_counter()
     isolated = {side: isolated_run(side, model_dir, plan) for side in plan.sides}
+    # where make bench's minutes go: checkpoint, guard and timed epochs; then the memory workers
+    timed["wall_seconds"] = {
+        "in_process": in_process - start,
+        "memory_workers": time.perf_counter() - in_process,
+    }
     standard = model_flops_per_step(model_dir, workload, shared_prompt=False)
     shared = model_flops_per_step(model_dir, workload, shared_prompt=True)
     flops = {"trl": standard, "dpo": shared, "ropo": shared}
@@ -225,7 +233,8 @@ def decode_under_watch(model_dir: Path, repeats: int) -> dict:
     decoding = run_decoding(model_dir, DecodeWorkload(), repeats)
     machine_now, own_now = cpu_seconds()
     others = machine_now - machine_start - (own_now - own_start)
-    return decoding | {"other_processes_cores": others / (time.perf_counter() - start)}
+    wall = time.perf_counter() - start
+    return decoding | {"other_processes_cores": others / wall, "wall_seconds": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         print_table(results)
     print_decoding(results.get("decoding"))
-    print(f"wrote {args.out} ({results['wall_seconds']:.0f} s)")
+    parts = [f"{n} {sum(v['wall_seconds'].values()):.0f} s" for n, v in variants.items()]
+    parts += [f"decoding {decoding['wall_seconds']:.0f} s"] if decoding else []
+    print(f"wrote {args.out} ({results['wall_seconds']:.0f} s: {', '.join(parts)})")
     guards_ok = all(v["guard_ok"] for v in variants.values())
     return 0 if guards_ok and (decoding is None or decoding["same_tokens"]) else 1
 
