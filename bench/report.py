@@ -135,6 +135,8 @@ def machine(peaks: list[float]) -> dict[str, Any]:
 
     return {
         "cpu": cpu_name(),
+        # torch's kernels (and MKL against oneDNN) rank differently on AVX2 and AVX-512 hosts
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
