@@ -213,10 +213,10 @@ def swiglu_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor,
 class PackedLinear(nn.Linear):
     """Replaces nn.Linear.forward while `packed_for_decoding` holds (sampling on CPU): the product
     with a copy of the weight that oneDNN has laid out in blocks for its matmul kernel, the same
-    sums in another order (results differ by rounding). MKL runs its generic fp32 code on AMD
-    CPUs; on 2 such cores SmolLM2-135M's 211 weights take 31-37 instead of 45-70 ms per decode
-    step of 8 rows, and its 512-token prompt pass 0.69 instead of 0.8-1.0 s. Outside that
-    block, with autograd, or off CPU, it is nn.Linear itself.
+    sums in another order (results differ by rounding). On AMD CPUs MKL's fp32 matmuls take no
+    AVX-512 path and oneDNN's do: on 2 such cores SmolLM2-135M's 211 weights take 31-37 instead
+    of 45-70 ms per decode step of 8 rows, and its 512-token prompt pass 0.69 instead of 0.8-1.0
+    s. Outside that block, with autograd, or off CPU, it is nn.Linear itself.
     """
 
     MIN_WEIGHT_BYTES = 2**18  # 256 KiB, about a core's L2 cache
