@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model_fixtures import our_model, random_ids
+from ropo.models import kernels
 from ropo.models.kernels import (
     FastAttention,
     FastRMSNorm,
@@ -301,6 +302,24 @@ def test_packed_copies_stay_out_of_the_checkpoint_and_go_even_on_errors() -> Non
             assert "packed_weight" in fast.output.__dict__
             raise RuntimeError("inside the block")
     assert not any("packed_weight" in m.__dict__ for m in fast.modules())
+
+
+def test_nothing_is_packed_where_the_copies_would_not_fit(monkeypatch) -> None:
+    linear = use_fast_kernels(torch.nn.Linear(256, 1024, bias=False))  # 1 MiB
+    x = torch.randn(8, 256)
+    monkeypatch.setattr(kernels, "available_memory", lambda: 2**21 - 1)  # under 2 x 1 MiB
+    with pytest.warns(UserWarning, match="without packed weights"):
+        with torch.inference_mode(), packed_for_decoding(linear, rows=8):
+            assert "packed_weight" not in linear.__dict__
+            got = linear(x)
+    assert torch.equal(got, torch.nn.functional.linear(x, linear.weight))
+    monkeypatch.setattr(kernels, "available_memory", lambda: 2**21)
+    with torch.inference_mode(), packed_for_decoding(linear, rows=8):
+        assert "packed_weight" in linear.__dict__
+
+
+def test_available_memory_is_a_plausible_size() -> None:
+    assert 2**20 < kernels.available_memory() < 2**50
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

@@ -9,6 +9,8 @@ changes only how the result is computed, so checkpoints, LoRA and FSDP see the s
 Timings come from docs/performance.md and bench/.
 """
 
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -265,17 +267,19 @@ def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
     0.3 s for SmolLM2-135M), and the copies cost as much memory as those weights until the
     block ends: worth it for a generate call, whose decode steps read every weight again. The
     weights must not change meanwhile (generate runs under inference_mode). An enclosing
-    block's copies stay, and that block removes them."""
-    packs = []  # (module, attribute, layers whose weights the attribute holds)
-    for module in model.modules():
-        if isinstance(module, FastAttention):
-            packs.append((module, "packed_qkv", (module.wq, module.wk, module.wv)))
-        elif isinstance(module, SwiGLUFeedForward):
-            packs.append((module, "packed_gate_up", (module.w1, module.w3)))
-    packs = [pack for pack in packs if packable(*pack[2])]
-    fused = {id(layer) for _, _, layers in packs for layer in layers}
-    packs += [(m, "packed_weight", (m,)) for m in model.modules() if id(m) not in fused]
-    packs = [p for p in packs if packable(*p[2]) and p[1] not in p[0].__dict__]
+    block's copies stay, and that block removes them. Where the copies would take more than
+    half the memory available, nothing is packed (with a warning): slower, but no worse off
+    than before packing existed."""
+    packs = packs_of(model)
+    needed = sum(layer.weight.nbytes for _, _, layers in packs for layer in layers)
+    available = available_memory() if packs else 0
+    if 2 * needed > available and packs:  # the copies, and room for the KV cache and activations
+        warnings.warn(
+            f"decoding without packed weights: the copies would take {needed / 2**30:.1f} GiB "
+            f"of the {available / 2**30:.1f} GiB of memory available",
+            stacklevel=3,
+        )
+        packs = []
     try:
         for module, attribute, layers in packs:
             weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out, in)
@@ -285,6 +289,34 @@ def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
     finally:
         for module, attribute, _ in packs:
             module.__dict__.pop(attribute, None)
+
+
+def packs_of(model: nn.Module) -> list[tuple[nn.Module, str, tuple[nn.Module, ...]]]:
+    """What packed_for_decoding packs: (module, attribute, the layers whose weights the attribute
+    holds side by side), leaving out what an enclosing block already packed."""
+    packs = []
+    for module in model.modules():
+        if isinstance(module, FastAttention):
+            packs.append((module, "packed_qkv", (module.wq, module.wk, module.wv)))
+        elif isinstance(module, SwiGLUFeedForward):
+            packs.append((module, "packed_gate_up", (module.w1, module.w3)))
+    packs = [pack for pack in packs if packable(*pack[2])]
+    fused = {id(layer) for _, _, layers in packs for layer in layers}
+    packs += [(m, "packed_weight", (m,)) for m in model.modules() if id(m) not in fused]
+    return [p for p in packs if packable(*p[2]) and p[1] not in p[0].__dict__]
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still hand out: Linux's MemAvailable (free memory and
+    the page cache it can drop), else the free pages alone."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
