@@ -129,8 +129,8 @@ class FastAttention(Attention):
     sampling's decode steps (T = 1) keep enable_gqa."""
 
     def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
-        packed = self.__dict__.get("packed_qkv")  # set by packed_for_decoding only
-        if packed is None or torch.is_grad_enabled() or x.device.type != "cpu":
+        packed = packed_copy(self, "packed_qkv")
+        if packed is None:
             return super().project(x, rope)
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -159,11 +159,11 @@ class SwiGLUFeedForward(FeedForward):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        packed = self.__dict__.get("packed_gate_up")  # set by packed_for_decoding only
-        if packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+        packed = packed_copy(self, "packed_gate_up")
+        if packed is not None:
             gate, up = packed_product(x, packed).chunk(2, dim=-1)  # w1 and w3 in one product
-            return self.w2(F.silu(gate) * up)
-        gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if not torch.is_grad_enabled():  # nothing to keep; w2 may be packed for decoding
             return self.w2(F.silu(gate) * up)
         plain_w2 = isinstance(self.w2, nn.Linear) and self.w2.bias is None
@@ -224,10 +224,18 @@ class PackedLinear(nn.Linear):
     MIN_WEIGHT_BYTES = 2**18  # 256 KiB, about a core's L2 cache
 
     def forward(self, x: Tensor) -> Tensor:
-        packed = self.__dict__.get("packed_weight")  # set by packed_for_decoding only
-        if packed is None or torch.is_grad_enabled() or x.device.type != "cpu":
+        packed = packed_copy(self, "packed_weight")
+        if packed is None:
             return super().forward(x)
         return packed_product(x, packed, self.bias)
+
+
+def packed_copy(module: nn.Module, attribute: str) -> Tensor | None:
+    """The weights packed_for_decoding attached to `module` as `attribute` (only CPU weights are
+    packed), when this forward may use them: without autograd. None otherwise."""
+    if torch.is_grad_enabled():
+        return None
+    return module.__dict__.get(attribute)  # a plain attribute, absent outside the block
 
 
 def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -272,8 +280,8 @@ def packed_for_decoding(model: nn.Module, rows: int) -> Iterator[None]:
     than before packing existed."""
     packs = packs_of(model)
     needed = sum(layer.weight.nbytes for _, _, layers in packs for layer in layers)
-    available = available_memory() if packs else 0
-    if 2 * needed > available and packs:  # the copies, and room for the KV cache and activations
+    # the copies, and as much again for the KV cache and the activations
+    if packs and 2 * needed > (available := available_memory()):
         warnings.warn(
             f"decoding without packed weights: the copies would take {needed / 2**30:.1f} GiB "
             f"of the {available / 2**30:.1f} GiB of memory available",
