@@ -316,7 +316,9 @@ def packs_of(model: nn.Module) -> list[tuple[nn.Module, str, tuple[nn.Module, ..
 
 def available_memory() -> int:
     """Bytes of memory this machine can still hand out: Linux's MemAvailable (free memory and
-    the page cache it can drop), else the free pages alone."""
+    the page cache it can drop), else the free pages alone. Not resources.available_bytes, the
+    free pages that a training run's admission check counts conservatively: packed copies may
+    push out page cache (a checkpoint just read, say), and skipping them costs only speed."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
