@@ -104,6 +104,8 @@ def test_fast_rms_norm_equals_the_textbook_module(dtype, tol) -> None:
     # the forward is the same sequence of operations, so it is equal to the bit
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[1][0], hf_rms_norm(x, textbook.weight, 1e-5))
+    with torch.inference_mode():  # scoring and decoding: F.rms_norm, equal to the bit as well
+        assert torch.equal(fast(x), textbook(x))
     for ours, reference in zip(results[0], results[1], strict=True):
         assert (ours.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
 
