@@ -25,6 +25,7 @@ from ropo.generate_prompts import PromptRecord, read_prompts
 from ropo.models import Tokenizer, load_model, load_tokenizer
 from ropo.models.chat_format import PLAIN, ChatFormat, load_chat_format
 from ropo.models.config import read_model_config
+from ropo.models.kernels import packed_for_decoding
 from ropo.models.llama import Transformer
 from ropo.models.responses import sample_responses
 from ropo.presets import resolve_model
@@ -106,7 +107,9 @@ def answer(
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     total = sum(c.record.n_turns for c in conversations)
-    with progress_bar(total=total, desc="generate", unit="prompt") as progress:
+    # Packed once for every batch and turn, not once per generate call (kernels.PackedLinear).
+    packed = packed_for_decoding(model, rows=cfg.batch_size)
+    with progress_bar(total=total, desc="generate", unit="prompt") as progress, packed:
         for turn in range(max(c.record.n_turns for c in conversations)):
             waiting = [c for c in conversations if turn < c.record.n_turns]
             texts = [render_prompt(c.messages, chat, c.record.source) for c in waiting]

@@ -34,6 +34,7 @@ from ropo.data import TokenizedPair
 from ropo.logps import PairLogps, collate_sequences
 from ropo.logps_fused import sequence_logps
 from ropo.loss import implicit_reward
+from ropo.models.kernels import packed_for_decoding
 from ropo.models.llama import Transformer
 from ropo.models.responses import sample_responses
 from ropo.models.tokenizer import Tokenizer
@@ -127,28 +128,32 @@ def rejection_sample(
     unique = list({pair.prompt_ids: pair for pair in dropped}.values())
     pairs, picked_policy, skipped = [], [], {"identical_samples": 0}
     batches = range(0, len(unique), settings.prompts_per_batch)
-    for start in progress_bar(batches, desc="rejection sampling", unit="batch", leave=False):
-        group = unique[start : start + settings.prompts_per_batch]
-        samples = draw_samples(policy, group, settings, tokenizer, generator)
-        candidates = candidate_responses(group, samples, settings.k, with_original)  # G lists of C
-        policy_logps, ref_logps, n_tokens = score_candidates(
-            policy, reference, group, candidates, tokenizer.pad_id
-        )
-        scores = candidate_scores(score_name, policy_logps, ref_logps, n_tokens, settings.beta)
-        n_candidates = len(candidates[0])
-        scores = scores.view(len(group), n_candidates)  # (G, C)
-        for g, source in enumerate(group):
-            best, worst = scores[g].argmax().item(), scores[g].argmin().item()
-            chosen, rejected = candidates[g][best], candidates[g][worst]
-            if chosen == rejected:
-                skipped["identical_samples"] += 1
-                continue
-            rows = torch.tensor([g * n_candidates + best, g * n_candidates + worst])
-            ref_chosen, ref_rejected = ref_logps[rows].float().cpu().tolist()
-            pair_id = f"{source.id}@rs{round_idx}"
-            tokens = TokenizedPair(pair_id, source.prompt_ids, tuple(chosen), tuple(rejected))
-            pairs.append(SampledPair(tokens, round_idx + 1, ref_chosen, ref_rejected))
-            picked_policy.append(policy_logps[rows].float().cpu())
+    # Packed once for the round, not once per batch (kernels.PackedLinear); the policy's
+    # scoring below runs on the packed weights too.
+    with packed_for_decoding(policy, rows=settings.prompts_per_batch * settings.k):
+        for start in progress_bar(batches, desc="rejection sampling", unit="batch", leave=False):
+            group = unique[start : start + settings.prompts_per_batch]
+            samples = draw_samples(policy, group, settings, tokenizer, generator)
+            # G lists of C
+            candidates = candidate_responses(group, samples, settings.k, with_original)
+            policy_logps, ref_logps, n_tokens = score_candidates(
+                policy, reference, group, candidates, tokenizer.pad_id
+            )
+            scores = candidate_scores(score_name, policy_logps, ref_logps, n_tokens, settings.beta)
+            n_candidates = len(candidates[0])
+            scores = scores.view(len(group), n_candidates)  # (G, C)
+            for g, source in enumerate(group):
+                best, worst = scores[g].argmax().item(), scores[g].argmin().item()
+                chosen, rejected = candidates[g][best], candidates[g][worst]
+                if chosen == rejected:
+                    skipped["identical_samples"] += 1
+                    continue
+                rows = torch.tensor([g * n_candidates + best, g * n_candidates + worst])
+                ref_chosen, ref_rejected = ref_logps[rows].float().cpu().tolist()
+                pair_id = f"{source.id}@rs{round_idx}"
+                tokens = TokenizedPair(pair_id, source.prompt_ids, tuple(chosen), tuple(rejected))
+                pairs.append(SampledPair(tokens, round_idx + 1, ref_chosen, ref_rejected))
+                picked_policy.append(policy_logps[rows].float().cpu())
     return SampledPairs(pairs, _as_pair_logps(picked_policy, pairs), skipped)
 
 
