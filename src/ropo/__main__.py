@@ -1,3 +1,3 @@
-from ropo.cli import main
+from ropo.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -21,6 +21,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ropo import interrupt, run_dir
+from ropo.allocator import keep_freed_memory
 from ropo.config import RunConfig
 from ropo.config_fields import SectionedConfig, describe_keys
 from ropo.config_load import load_config
@@ -36,6 +37,13 @@ ropo train needs a model and preference pairs, as key=value words or in a YAML f
   ropo train resume=runs/x    (continues a run from its last checkpoint)
 `ropo keys` lists every key. The built-in demonstration (a tiny model trained from scratch on
 a sorting task, about 10 minutes on a CPU) is `ropo builtin` or `make train`."""
+
+
+def run() -> int:
+    """The `ropo` program (console script, `python -m ropo`): main() in a process whose malloc
+    keeps freed memory for reuse (allocator.py; ROPO_KEEP_FREED_MEMORY=0 turns that off)."""
+    keep_freed_memory()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
