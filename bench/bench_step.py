@@ -46,6 +46,7 @@ from parity import as_records
 from report import decoding_targets, machine, print_decoding, print_table, targets
 from trl_side import build_trainer, trl_examples, trl_step
 
+from ropo.allocator import keep_freed_memory
 from ropo.logps_fused import score_pairs
 from ropo.loss import get_loss
 
@@ -64,6 +65,7 @@ class Plan:
     seconds: float  # budget of its timed epochs: past it, no further epoch starts
     ropo_round: bool  # a ROPO round's extra work after each epoch
     worker_steps: tuple[int, int]  # the memory worker's untimed and timed steps
+    keep_freed_memory: bool  # --malloc keep: workers set malloc as the bench process did
 
 
 def plan_of(name: str, args: argparse.Namespace) -> Plan:
@@ -71,9 +73,11 @@ def plan_of(name: str, args: argparse.Namespace) -> Plan:
     (a TRL step of half a minute on 2 cores): TRL and our DPO step, --real-repeats epochs; the
     guard's two steps per side are its warm-up, and a ROPO step costs what a DPO step does."""
     if name in WORKLOADS:
-        return Plan(("trl", "dpo"), 0, args.real_repeats, float("inf"), False, (1, 1))
+        keep = args.malloc == "keep"
+        return Plan(("trl", "dpo"), 0, args.real_repeats, float("inf"), False, (1, 1), keep)
     toys = [v for v in args.variants if v not in WORKLOADS]
-    return Plan(SIDES, args.warmup, args.repeats, args.budget / len(toys), True, (1, 4))
+    budget = args.budget / len(toys)
+    return Plan(SIDES, args.warmup, args.repeats, budget, True, (1, 4), args.malloc == "keep")
 
 
 def alternate_epoch(steps: dict[str, Callable[[int], float]], n_batches: int) -> dict:
@@ -150,6 +154,7 @@ def isolated_run(side: str, model_dir: Path, plan: Plan) -> dict:
     warmup, steps = plan.worker_steps
     command += ["--threads", str(torch.get_num_threads()), "--variant", model_dir.name]
     command += ["--warmup", str(warmup), "--steps", str(steps)]
+    command += ["--keep-freed-memory"] if plan.keep_freed_memory else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {side} failed:\n{done.stderr[-3000:]}")
@@ -251,11 +256,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(VARIANTS),
         help="none: decoding only",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="keep: every side in glibc's malloc setting of the `ropo` command (allocator.py)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument(
         "--budget", type=float, default=360, help="seconds for the timed epochs of the toys"
     )
     args = parser.parse_args(argv)
+    # Both sides always run under one malloc setting. By default, the one a plain Python
+    # process gets; --malloc keep: the `ropo` command's (allocator.py), for TRL's steps too.
+    malloc_note = keep_freed_memory() if args.malloc == "keep" else "not asked"
     # Progress bars of datasets, TRL and our scoring passes would bury the table.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -274,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(peaks) * 1e9  # the best sample: load from elsewhere only ever lowers a sample
     variants = {name: summarize(**m, peak=peak) for name, m in measured.items()}
     results = {
-        "machine": machine(peaks),
+        "machine": machine(peaks)
+        | {"malloc": "keeps freed memory" if malloc_note is None else f"default ({malloc_note})"},
         "workload": vars(Workload()) | {"tokens_per_step": Workload().tokens_per_step},
         "variants": variants,
         "targets": targets(variants),

@@ -1,7 +1,7 @@
 """One side of the benchmark in a process of its own, so that its peak memory is its own.
 
     python bench/worker.py {trl,dpo,ropo} MODEL_DIR [--variant mha] [--warmup 1] [--steps 4]
-                           [--threads N]
+                           [--threads N] [--keep-freed-memory]
 
 Builds the side exactly as bench_step.py does (TRL: trainer with precomputed reference; ours:
 reference cache, policy, AdamW), takes a few steps and prints one JSON line: peak resident memory
@@ -95,9 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc malloc as `ropo` sets it"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from ropo.allocator import keep_freed_memory
+
+        keep_freed_memory()
     workload, vocab = workload_of(args.variant), vocab_of(args.variant)
     if args.side == "trl":
         step = trl_stepper(args.model_dir, workload, vocab)
