@@ -120,3 +120,29 @@ def hf_logits(
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def packable_model(vocab_size: int, seed: int = 0) -> Transformer:
+    """A tiny_config model with the fast kernels whose w1, w3 and w2 pass PackedLinear's size
+    threshold (width 128, intermediate 512): two packed groups per layer while decoding."""
+    from ropo.models.kernels import use_fast_kernels
+
+    config = tiny_config(vocab_size=vocab_size, dim=128, head_dim=32, intermediate_size=512,
+                         max_position_embeddings=256)  # fmt: skip
+    return randomize_(use_fast_kernels(Transformer(config)), seed)
+
+
+def count_packings(monkeypatch) -> list[int]:  # noqa: ANN001  (pytest.MonkeyPatch)
+    """From now on, how many weight groups each packed_for_decoding block packs, in order
+    (0: an enclosing block had packed them all)."""
+    import ropo.models.kernels as kernels
+
+    packs_of, packings = kernels.packs_of, []
+
+    def counting_packs_of(module: torch.nn.Module) -> list:
+        packs = packs_of(module)
+        packings.append(len(packs))
+        return packs
+
+    monkeypatch.setattr(kernels, "packs_of", counting_packs_of)
+    return packings

@@ -19,9 +19,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import ropo.models.kernels as kernels
 from conftest import read_jsonl
-from model_fixtures import tiny_config
+from model_fixtures import count_packings, packable_model
 from ropo.config_load import load_settings
 from ropo.data import load_pairs, tokenize_pairs
 from ropo.generate import GenerationStats, answer, prompt_ids, run_generate
@@ -31,8 +30,6 @@ from ropo.generate_prompts import PromptRecord, read_prompts
 from ropo.models import load_model, load_tokenizer
 from ropo.models.chat_format import PLAIN, ChatFormat
 from ropo.models.chat_templates import format_chat
-from ropo.models.kernels import use_fast_kernels
-from ropo.models.llama import Transformer
 from ropo.models.sample import generate
 
 # Four lengths and a blank line: with batch_size=3 one batch pads three different lengths.
@@ -370,28 +367,16 @@ def test_user_errors_are_one_line(
 def test_weights_are_packed_once_for_all_batches(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Width 128 and intermediate 512 put w1, w3 and w2 past PackedLinear's size threshold.
     tokenizer = load_tokenizer(tiny_model_dir)
-    config = tiny_config(vocab_size=tokenizer.vocab_size, dim=128, head_dim=32,
-                         intermediate_size=512, max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(0)
-    model = use_fast_kernels(Transformer(config))
-    packings = []  # how many weight groups each packed_for_decoding block packed
-    packs_of = kernels.packs_of
-
-    def counting_packs_of(module: torch.nn.Module) -> list:
-        packs = packs_of(module)
-        packings.append(len(packs))
-        return packs
-
-    monkeypatch.setattr(kernels, "packs_of", counting_packs_of)
+    model = packable_model(tokenizer.vocab_size)
+    packings = count_packings(monkeypatch)
     records = [
         PromptRecord(i, ({"role": "user", "content": text},), (), f"test:{i}")
         for i, text in enumerate(["tango", "apple fox", "fox", "apple apple", "zebra"])
     ]
     cfg = settings(model="-", prompts="-", out="-", batch_size=2, temperature=0)  # 3 batches
     conversations = answer(model, tokenizer, PLAIN, records, cfg, GenerationStats())
-    assert packings[0] == 2 * config.n_layers and not any(packings[1:])  # once, then reused
+    assert packings[0] == 2 * model.config.n_layers and not any(packings[1:])  # once, then reused
     assert len(packings) == 1 + 3  # answer's block, then one per generate call
     assert not any(k.startswith("packed_") for m in model.modules() for k in m.__dict__)
     # the same tokens as generate calls that each pack for themselves

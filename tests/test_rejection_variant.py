@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import ropo.filter.rejection as rejection
-import ropo.models.kernels as kernels
 from conftest import read_jsonl, write_synthetic_pairs
-from model_fixtures import randomize_, tiny_config
+from model_fixtures import count_packings, packable_model
 from ropo.config import RS_PAIR_RULES, FilterSettings
 from ropo.data import TokenizedPair
 from ropo.models import Transformer, load_model, load_tokenizer
-from ropo.models.kernels import use_fast_kernels
 
 PROMPT = "Question: apple banana cherry Answer:"
 
@@ -219,22 +217,10 @@ def test_an_unknown_rule_is_one_line_error(tiny_model_dir: Path, tmp_path: Path)
 def test_a_round_packs_the_policy_once_and_scores_as_the_textbook_model(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Width 128 and intermediate 512 put w1, w3 and w2 past PackedLinear's size threshold.
     tokenizer = load_tokenizer(tiny_model_dir)
-    config = tiny_config(vocab_size=tokenizer.vocab_size, dim=128, head_dim=32,
-                         intermediate_size=512, max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(0)
-    policy = randomize_(use_fast_kernels(Transformer(config)))
-    reference = randomize_(use_fast_kernels(Transformer(config)), seed=1)
-    packings = []  # how many weight groups each packed_for_decoding block packed
-    packs_of = kernels.packs_of
-
-    def counting_packs_of(module: torch.nn.Module) -> list:
-        packs = packs_of(module)
-        packings.append(len(packs))
-        return packs
-
-    monkeypatch.setattr(kernels, "packs_of", counting_packs_of)
+    policy = packable_model(tokenizer.vocab_size)
+    reference = packable_model(tokenizer.vocab_size, seed=1)
+    packings = count_packings(monkeypatch)
     dropped = []
     for i, word in enumerate(["apple", "fox", "golf", "hotel", "india"]):
         prompt, chosen = tokenizer.encode_prompt_response(f"Question: {word} Answer:", " a")
@@ -243,7 +229,7 @@ def test_a_round_packs_the_policy_once_and_scores_as_the_textbook_model(
     settings = rejection.SamplingSettings(k=2, beta=1.0, temperature=1.0, top_p=1.0,
                                           max_new_tokens=4, prompts_per_batch=2)  # fmt: skip
     found = rejection.rejection_sample(policy, reference, dropped, 0, settings, tokenizer)
-    assert packings[0] == 2 * config.n_layers and not any(packings[1:])  # once for 3 batches
+    assert packings[0] == 2 * policy.config.n_layers and not any(packings[1:])  # once for 3 batches
     assert len(packings) == 1 + 3  # the round's block, then one per generate call
     assert not any(k.startswith("packed_") for m in policy.modules() for k in m.__dict__)
     # scored on the packed weights: the textbook forward's log-probs, to rounding
