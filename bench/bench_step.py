@@ -72,12 +72,11 @@ def plan_of(name: str, args: argparse.Namespace) -> Plan:
     """The toy shapes: every side, --repeats epochs in their share of --budget. A real shape
     (a TRL step of half a minute on 2 cores): TRL and our DPO step, --real-repeats epochs; the
     guard's two steps per side are its warm-up, and a ROPO step costs what a DPO step does."""
+    keep = args.malloc == "keep"
     if name in WORKLOADS:
-        keep = args.malloc == "keep"
         return Plan(("trl", "dpo"), 0, args.real_repeats, float("inf"), False, (1, 1), keep)
     toys = [v for v in args.variants if v not in WORKLOADS]
-    budget = args.budget / len(toys)
-    return Plan(SIDES, args.warmup, args.repeats, budget, True, (1, 4), args.malloc == "keep")
+    return Plan(SIDES, args.warmup, args.repeats, args.budget / len(toys), True, (1, 4), keep)
 
 
 def alternate_epoch(steps: dict[str, Callable[[int], float]], n_batches: int) -> dict:
